@@ -1,0 +1,5 @@
+import sys
+
+from pgrpo.cli import main
+
+sys.exit(main())
