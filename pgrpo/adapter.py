@@ -1,0 +1,439 @@
+"""The SVD-basis adapter: W_eff = W0 + U diag(delta_S) Vh for every targeted Linear.
+
+Each targeted ``nn.Linear`` gets a thin SVD of its frozen weight W0 = U diag(S) Vh (fp32, r =
+min(d_out, d_in)); the trainable knob is ``delta_S`` in R^r per module, zero-initialised, so the
+adapted model starts as exactly the base model (a free reference policy for KL).
+
+All modules' delta_S live in ONE flat fp32 Parameter ``delta`` [R] so AdamW, clipping and the
+projection each run on one tensor. Module m owns ``delta[offsets[m]:offsets[m+1]]``. Modules are
+ordered by shape group (modules with equal (d_out, d_in), in order of first appearance), then by
+position in the model, so each shape group is one contiguous ``[L, r]`` block of the knob.
+
+Two modes, tested against each other:
+- ``factored`` (reference): a forward hook adds ``((x Vh^T) * delta_S) U^T`` to the frozen Linear's
+  output; autograd fills ``delta.grad``.
+- ``merged`` (fast path): the Linear's weight IS W_eff, a view into a per-shape-group stack
+  [L, o, i]; ``merge()`` rebuilds every stack with one batched GEMM (baddbmm) per group. Each weight
+  has requires_grad=True (it is not an optimizer parameter) and its ``.grad`` is a view into a
+  per-group grad stack, so autograd accumulates G_W in place into one contiguous [L, o, i] tensor;
+  ``collect_grad()`` then turns each stack into delta_S gradients with ``ops.basis_change``
+  (g_l = diag(U_l^T G_l Vh_l^T)) — no per-module Python loop, no stacking copies.
+
+Why views for grads: AccumulateGrad adds into an existing ``.grad`` in place (backward runs with
+grad mode off), so a view into a preallocated stack receives the gradient without a copy.
+``collect_grad`` checks that every weight's grad still points into its stack (data_ptr) and copies
+any that do not (someone replaced ``.grad``), so it is correct either way.
+
+Route arm: ``with_hack_knob=True`` adds a second knob ``delta_hack`` with the same layout;
+while ``hack_enabled`` the model uses delta + delta_hack. Both knobs then see the same gradient
+(d loss/d delta == d loss/d delta_hack), which ``collect_grad`` returns (and assigns to both).
+"""
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import os
+import re
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from pgrpo import ops
+from pgrpo.errors import UserError
+
+DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+_LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
+
+
+# ----------------------------------------------------------------------------- SVD + disk cache
+
+def _weight_key(W: torch.Tensor) -> str:
+    """sha256 of the weight's raw bytes plus dtype and shape: the SVD cache key."""
+    h = hashlib.sha256(f"{W.dtype}|{tuple(W.shape)}|".encode())
+    h.update(W.detach().contiguous().view(-1).view(torch.uint8).cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+def thin_svd(W: torch.Tensor, cache_dir: str | None = None, stats: dict | None = None):
+    """(U [o,r], Vh [r,i]) of W in W's dtype and device, computed in fp32, optionally disk-cached.
+
+    The cache file is ``cache_dir/svd-<sha256>.safetensors``, written to a temp name and renamed,
+    so concurrent runs never read half a file. An unreadable cache file is recomputed and replaced.
+    """
+    from safetensors.torch import load_file, save_file
+
+    stats = stats if stats is not None else {}
+    path = None
+    if cache_dir:
+        path = os.path.join(cache_dir, f"svd-{_weight_key(W)}.safetensors")
+        if os.path.exists(path):
+            try:
+                d = load_file(path)
+                U, Vh = d["U"], d["Vh"]
+                r = min(W.shape)
+                if U.shape == (W.shape[0], r) and Vh.shape == (r, W.shape[1]) and U.dtype == W.dtype:
+                    stats["cache_hits"] = stats.get("cache_hits", 0) + 1
+                    return U.to(W.device), Vh.to(W.device)
+            except Exception as e:  # corrupt / truncated file: recompute below
+                warnings.warn(f"SVD cache file {path} unreadable ({e}); recomputing")
+    U, S, Vh = torch.linalg.svd(W.detach().float(), full_matrices=False)
+    stats["svd_computed"] = stats.get("svd_computed", 0) + 1
+    U, Vh = U.to(W.dtype).contiguous(), Vh.to(W.dtype).contiguous()
+    if path:
+        os.makedirs(cache_dir, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".svd-", suffix=".tmp", dir=cache_dir)
+        os.close(fd)
+        try:
+            save_file({"U": U.cpu(), "Vh": Vh.cpu(), "S": S.cpu().contiguous()}, tmp)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return U, Vh
+
+
+# ----------------------------------------------------------------------------- selection
+
+def _layer_index(name: str):
+    m = _LAYER_RE.search(name)
+    return int(m.group(1)) if m else None
+
+
+def _layer_filter(layers):
+    """None = all; tuple/range (start, stop) = half-open range; list/set = explicit indices."""
+    if layers is None:
+        return lambda i: True
+    if isinstance(layers, range):
+        keep = set(layers)
+    elif isinstance(layers, tuple):
+        if len(layers) != 2:
+            raise UserError(f"layers={layers!r}: a tuple means a (start, stop) range; pass a list for indices.")
+        keep = set(range(int(layers[0]), int(layers[1])))
+    else:
+        keep = {int(i) for i in layers}
+    return lambda i: i is not None and i in keep
+
+
+def _matches(name: str, target: str) -> bool:
+    """A target is a module's last name component ("q_proj") or a glob on the full name."""
+    if any(c in target for c in "*?["):
+        return fnmatch.fnmatchcase(name, target)
+    return name.rsplit(".", 1)[-1] == target
+
+
+def select_linears(model: nn.Module, targets=DEFAULT_TARGETS, layers=None) -> list[tuple[str, nn.Linear]]:
+    if isinstance(targets, str):
+        targets = (targets,)
+    keep_layer = _layer_filter(layers)
+    out = []
+    for name, mod in model.named_modules():
+        if isinstance(mod, nn.Linear) and any(_matches(name, t) for t in targets) \
+                and keep_layer(_layer_index(name)):
+            out.append((name, mod))
+    if not out:
+        raise UserError(f"No Linear module matches targets={list(targets)} and layers={layers!r}.")
+    return out
+
+
+# ----------------------------------------------------------------------------- adapter
+
+@dataclass
+class ShapeGroup:
+    """Modules with one (d_out, d_in): stacked tensors and their contiguous block of the knob."""
+    shape: tuple[int, int]
+    idx: list[int]                   # module indices (positions in adapter.names), consecutive
+    start: int                       # offset of the group's [L, r] block in the flat knob
+    U: torch.Tensor = None           # [L, o, r] model dtype
+    Vh: torch.Tensor = None          # [L, r, i] model dtype
+    W0: torch.Tensor | None = None   # [L, o, i] merged mode: frozen base weights (a copy)
+    W: torch.Tensor | None = None    # [L, o, i] merged mode: W_eff, the Linears' weights are views
+    G: torch.Tensor | None = None    # [L, o, i] merged mode: grad stack, the weights' .grad are views
+    linears: list = field(default_factory=list)
+
+    @property
+    def L(self):
+        return len(self.idx)
+
+    @property
+    def r(self):
+        return min(self.shape)
+
+
+class SVDAdapter:
+    """Wraps the targeted Linears of a HF causal LM in place; see the module docstring.
+
+    The optimizer gets ``adapter.parameters()`` (delta, plus delta_hack when present); call
+    ``merge()`` after every optimizer step in merged mode.
+    """
+
+    def __init__(self, model: nn.Module, targets=DEFAULT_TARGETS, layers=None, mode: str = "merged",
+                 cache_dir: str | None = None, with_hack_knob: bool = False):
+        if mode not in ("merged", "factored"):
+            raise UserError(f"Adapter mode must be 'merged' or 'factored', not {mode!r}.")
+        self.model, self.mode = model, mode
+        for p in model.parameters():
+            p.requires_grad_(False)
+        found = select_linears(model, targets, layers)
+        dev = found[0][1].weight.device
+        self.dtype = found[0][1].weight.dtype
+
+        # Group by shape in first-appearance order; the knob layout is group-major.
+        by_shape: dict[tuple, list] = {}
+        for name, lin in found:
+            by_shape.setdefault(tuple(lin.weight.shape), []).append((name, lin))
+        self.names, self.ranks, self.offsets, self.groups = [], [], [0], []
+        self._linears: list[nn.Linear] = []
+        self.svd_stats: dict = {}
+        for shape, mods in by_shape.items():
+            g = ShapeGroup(shape=shape, idx=[], start=self.offsets[-1])
+            Us, Vhs = [], []
+            for name, lin in mods:
+                U, Vh = thin_svd(lin.weight.data, cache_dir, self.svd_stats)
+                Us.append(U)
+                Vhs.append(Vh)
+                g.idx.append(len(self.names))
+                g.linears.append(lin)
+                self.names.append(name)
+                self.ranks.append(g.r)
+                self.offsets.append(self.offsets[-1] + g.r)
+                self._linears.append(lin)
+            g.U, g.Vh = torch.stack(Us), torch.stack(Vhs)
+            del Us, Vhs
+            if mode == "merged":
+                g.W0 = torch.stack([lin.weight.data for _, lin in mods])
+                g.W = g.W0.clone()
+                g.G = torch.zeros_like(g.W)
+            self.groups.append(g)
+        self._index = {n: i for i, n in enumerate(self.names)}
+        R = self.offsets[-1]
+        self.delta = nn.Parameter(torch.zeros(R, dtype=torch.float32, device=dev))
+        self.delta_hack = (nn.Parameter(torch.zeros(R, dtype=torch.float32, device=dev))
+                           if with_hack_knob else None)
+        self._hack_enabled = with_hack_knob
+        self._disabled = False
+        self._hooks = []
+        if mode == "merged":
+            self._link()
+        else:
+            for g in self.groups:
+                for j, lin in enumerate(g.linears):
+                    a = self.offsets[g.idx[j]]
+                    self._hooks.append(lin.register_forward_hook(self._make_hook(g, j, a, a + g.r)))
+
+    # ------------------------------------------------------------------ knob views
+    @property
+    def R(self) -> int:
+        return self.offsets[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.delta.device
+
+    def parameters(self) -> list[nn.Parameter]:
+        return [self.delta] + ([self.delta_hack] if self.delta_hack is not None else [])
+
+    @property
+    def hack_enabled(self) -> bool:
+        return self._hack_enabled
+
+    @hack_enabled.setter
+    def hack_enabled(self, on: bool):
+        """Toggle use of delta_hack; in merged mode the weights are re-merged to match."""
+        if on and self.delta_hack is None:
+            raise UserError("hack_enabled needs an adapter built with with_hack_knob=True.")
+        changed = bool(on) != self._hack_enabled
+        self._hack_enabled = bool(on)
+        if changed and self.mode == "merged":
+            self.merge()
+
+    def knob(self) -> torch.Tensor:
+        """The effective flat knob the model uses: delta (+ delta_hack while hack_enabled)."""
+        if self.delta_hack is not None and self._hack_enabled:
+            return self.delta + self.delta_hack
+        return self.delta
+
+    def _slice(self, name: str):
+        if name not in self._index:
+            raise KeyError(f"{name!r} is not an adapted module")
+        m = self._index[name]
+        return self.offsets[m], self.offsets[m + 1]
+
+    def delta_S(self, name: str) -> torch.Tensor:
+        a, b = self._slice(name)
+        return self.delta[a:b]
+
+    def U(self, name: str) -> torch.Tensor:
+        g, j = self._where(name)
+        return g.U[j]
+
+    def Vh(self, name: str) -> torch.Tensor:
+        g, j = self._where(name)
+        return g.Vh[j]
+
+    def _where(self, name):
+        m = self._index[name]
+        for g in self.groups:
+            if g.idx[0] <= m <= g.idx[-1]:
+                return g, m - g.idx[0]
+        raise KeyError(name)
+
+    # ------------------------------------------------------------------ factored
+    def _make_hook(self, g: ShapeGroup, j: int, a: int, b: int):
+        def hook(mod, args, out):
+            if self._disabled:
+                return out
+            x = args[0]
+            dS = self.knob()[a:b].to(x.dtype)
+            return out + F.linear(F.linear(x, g.Vh[j]) * dS, g.U[j])
+        return hook
+
+    # ------------------------------------------------------------------ merged
+    def _link(self):
+        """Point every adapted Linear's weight at its slice of W (and its .grad at G)."""
+        for g in self.groups:
+            for j, lin in enumerate(g.linears):
+                lin.weight.data = g.W[j]
+                lin.weight.requires_grad_(True)
+                lin.weight.grad = g.G[j]
+
+    @torch.no_grad()
+    def merge(self):
+        """W_eff = W0 + U diag(knob) Vh for every module, one baddbmm per shape group.
+
+        A group whose knob block is all zero gets W0 copied, so delta = 0 reproduces the base
+        weights bit for bit. The rank-r product scales the smaller of U / Vh.
+        """
+        if self.mode != "merged":
+            return
+        knob = self.knob().detach()
+        for g in self.groups:
+            dS = knob[g.start:g.start + g.L * g.r].view(g.L, g.r)
+            if not bool(dS.any()):
+                g.W.copy_(g.W0)
+                continue
+            dS = dS.to(self.dtype)
+            o, i = g.shape
+            if o <= i:
+                torch.baddbmm(g.W0, g.U * dS[:, None, :], g.Vh, out=g.W)
+            else:
+                torch.baddbmm(g.W0, g.U, g.Vh * dS[:, :, None], out=g.W)
+
+    @contextlib.contextmanager
+    def disabled(self):
+        """The base model (delta = 0) without touching the knob: the KL reference policy.
+
+        Merged mode points the weights at W0 (no copy); factored mode skips the hooks.
+        """
+        self._disabled = True
+        if self.mode == "merged":
+            for g in self.groups:
+                for j, lin in enumerate(g.linears):
+                    lin.weight.data = g.W0[j]
+        try:
+            yield self.model
+        finally:
+            self._disabled = False
+            if self.mode == "merged":
+                for g in self.groups:
+                    for j, lin in enumerate(g.linears):
+                        lin.weight.data = g.W[j]
+
+    # ------------------------------------------------------------------ gradients
+    def zero_grad(self):
+        """Clear the knob grads and (merged) zero the grad stacks, re-pointing weight grads at them."""
+        for p in self.parameters():
+            p.grad = None
+        if self.mode == "merged":
+            for g in self.groups:
+                g.G.zero_()
+                for j, lin in enumerate(g.linears):
+                    gr = lin.weight.grad
+                    if gr is None or gr.data_ptr() != g.G[j].data_ptr():
+                        lin.weight.grad = g.G[j]
+
+    def collect_grad(self) -> torch.Tensor:
+        """d loss / d delta as a flat fp32 [R] tensor, after backward; also assigned to delta.grad.
+
+        Merged: one ``ops.basis_change`` per shape group on the accumulated G_W stacks. Factored:
+        autograd's delta.grad. With the hack knob enabled the same gradient is the gradient of
+        delta_hack too, and is assigned to delta_hack.grad (a copy).
+        """
+        if self.mode == "factored":
+            g = self.delta.grad
+            flat = torch.zeros_like(self.delta) if g is None else g.detach().clone()
+        else:
+            flat = torch.empty(self.R, dtype=torch.float32, device=self.device)
+            for grp in self.groups:
+                for j, lin in enumerate(grp.linears):  # grads that were replaced: copy back in
+                    gr = lin.weight.grad
+                    if gr is None:
+                        grp.G[j].zero_()
+                    elif gr.data_ptr() != grp.G[j].data_ptr():
+                        grp.G[j].copy_(gr)
+                        lin.weight.grad = grp.G[j]
+                gl = ops.basis_change(grp.G, grp.U, grp.Vh)  # [L, r] fp32
+                flat[grp.start:grp.start + grp.L * grp.r].copy_(gl.reshape(-1))
+        self.delta.grad = flat
+        if self.delta_hack is not None:
+            self.delta_hack.grad = flat.clone() if self._hack_enabled else None
+        return flat
+
+    # ------------------------------------------------------------------ state
+    def knob_state_dict(self, hack: bool = False) -> dict[str, torch.Tensor]:
+        """{module name: delta_S} (fp32 clones on the knob's device); hack=True for delta_hack."""
+        src = self._src(hack)
+        return {n: src[self.offsets[m]:self.offsets[m + 1]].detach().clone() for m, n in enumerate(self.names)}
+
+    def load_knob_state_dict(self, d: dict, hack: bool = False):
+        """Load {module name: delta_S}; names and shapes must match exactly. Re-merges in merged mode."""
+        missing = [n for n in self.names if n not in d]
+        extra = [k for k in d if k not in self._index]
+        if missing or extra:
+            raise UserError(f"Knob state does not match the adapter: missing {missing[:3]}"
+                            f"{'...' if len(missing) > 3 else ''} ({len(missing)}), unexpected {extra[:3]}"
+                            f"{'...' if len(extra) > 3 else ''} ({len(extra)}).")
+        for m, n in enumerate(self.names):
+            if tuple(d[n].shape) != (self.ranks[m],):
+                raise UserError(f"Knob {n} has shape {tuple(d[n].shape)}, expected ({self.ranks[m]},).")
+        src = self._src(hack)
+        with torch.no_grad():
+            for m, n in enumerate(self.names):
+                src[self.offsets[m]:self.offsets[m + 1]].copy_(d[n])
+        self.merge()
+
+    def _src(self, hack):
+        if hack and self.delta_hack is None:
+            raise UserError("This adapter has no hack knob (with_hack_knob=False).")
+        return self.delta_hack if hack else self.delta
+
+    def to(self, device):
+        """Move model, knobs (same Parameter objects) and stacks; re-link views. Returns self."""
+        device = torch.device(device)
+        self.model.to(device)
+        for p in self.parameters():
+            p.data = p.data.to(device)
+            if p.grad is not None:
+                p.grad = p.grad.to(device)
+        for g in self.groups:
+            for attr in ("U", "Vh", "W0", "W", "G"):
+                t = getattr(g, attr)
+                if t is not None:
+                    setattr(g, attr, t.to(device))
+        if self.mode == "merged":
+            self._link()
+        return self
+
+    def remove(self):
+        """Detach the adapter: factored hooks removed; merged weights stay W_eff (call after merge)."""
+        for h in self._hooks:
+            h.remove()
+        self._hooks = []
+
+    def __repr__(self):
+        return (f"SVDAdapter(mode={self.mode}, modules={len(self.names)}, R={self.R}, "
+                f"groups={[(g.shape, g.L) for g in self.groups]}, hack_knob={self.delta_hack is not None})")

@@ -1,0 +1,227 @@
+"""Models and tokenizers: the embedded tiny Qwen3 + byte tokenizer, or any HF causal LM.
+
+The embedded default needs no download: a randomly initialised ``Qwen3ForCausalLM`` (the same
+architecture class as Qwen3-4B, tiny dims) and a byte-level tokenizer with Qwen's chat template,
+both built in code. Every tokenizer handed to the trainer has the same small interface
+(``Tok``): ``apply_chat_template -> str``, ``encode``, ``decode``, ``__call__`` (left-padded batch
+for ``generate``), ``pad_token_id``, ``eos_token_id``, ``eos_token_ids``, ``vocab_size``.
+"""
+from __future__ import annotations
+
+import re
+from typing import Sequence
+
+import torch
+
+from pgrpo.errors import UserError
+
+# ----------------------------------------------------------------------------- tiny model
+
+TINY_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=192,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    max_position_embeddings=4096,
+    rope_theta=10000.0,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=False,
+    initializer_range=0.02,
+)
+"""Dims of the embedded model (vocab comes from ByteTokenizer). ~0.2M parameters: it samples
+random bytes, which is all the pipeline tests need; the point is the same code path as Qwen3-4B."""
+
+
+def build_tiny_model(seed: int = 0, **overrides):
+    """A tiny randomly initialised Qwen3ForCausalLM in fp32, identical for identical seed/overrides.
+
+    Uses its own RNG stream (fork_rng) so building it neither depends on nor disturbs the
+    caller's global RNG state. SDPA attention: deterministic on CPU and the fastest there.
+    """
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = ByteTokenizer()
+    kw = dict(TINY_CONFIG, vocab_size=tok.vocab_size, bos_token_id=None,
+              eos_token_id=tok.eos_token_ids, pad_token_id=tok.pad_token_id)
+    kw.update(overrides)
+    cfg = Qwen3Config(**kw)
+    cfg._attn_implementation = "sdpa"
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        model = Qwen3ForCausalLM(cfg)
+    model = model.float().eval()
+    gc = model.generation_config
+    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tok.pad_token_id, tok.eos_token_ids, None
+    return model
+
+
+# ----------------------------------------------------------------------------- tokenizers
+
+def _left_pad(seqs: list[list[int]], pad_id: int, max_length: int | None = None):
+    """Left-pad token lists into (input_ids, attention_mask) long tensors; truncates from the left."""
+    from transformers import BatchEncoding
+
+    if max_length is not None:
+        seqs = [s[-max_length:] if len(s) > max_length else s for s in seqs]
+    n = max((len(s) for s in seqs), default=0)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        if s:
+            ids[b, n - len(s):] = torch.tensor(s, dtype=torch.long)
+            mask[b, n - len(s):] = 1
+    return BatchEncoding({"input_ids": ids, "attention_mask": mask})
+
+
+class ByteTokenizer:
+    """UTF-8 bytes are tokens 0..255; four special tokens follow. Chat template is Qwen's format.
+
+    Special-token strings inside text passed to ``encode`` become their ids (as HF tokenizers do),
+    so ``encode(apply_chat_template(...))`` gives the prompt ids.
+    """
+
+    SPECIALS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<|pad|>")
+
+    def __init__(self):
+        self.special_ids = {s: 256 + i for i, s in enumerate(self.SPECIALS)}
+        self.id_to_special = {i: s for s, i in self.special_ids.items()}
+        self._split = re.compile("(" + "|".join(re.escape(s) for s in self.SPECIALS) + ")")
+        self.vocab_size = 256 + len(self.SPECIALS)
+        self.endoftext_id = self.special_ids["<|endoftext|>"]
+        self.im_start_id = self.special_ids["<|im_start|>"]
+        self.eos_token_id = self.special_ids["<|im_end|>"]
+        self.pad_token_id = self.special_ids["<|pad|>"]
+        self.eos_token_ids = [self.eos_token_id, self.endoftext_id]
+        self.eos_token = "<|im_end|>"
+        self.pad_token = "<|pad|>"
+
+    def __len__(self):
+        return self.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        out: list[int] = []
+        for part in self._split.split(text):
+            sid = self.special_ids.get(part)
+            if sid is not None:
+                out.append(sid)
+            elif part:
+                out.extend(part.encode("utf-8"))
+        return out
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        if isinstance(ids, torch.Tensor):
+            ids = ids.tolist()
+        pieces, buf = [], bytearray()
+        for i in ids:
+            i = int(i)
+            if 0 <= i < 256:
+                buf.append(i)
+                continue
+            if buf:
+                pieces.append(buf.decode("utf-8", errors="replace"))
+                buf = bytearray()
+            if not skip_special_tokens and i in self.id_to_special:
+                pieces.append(self.id_to_special[i])
+        if buf:
+            pieces.append(buf.decode("utf-8", errors="replace"))
+        return "".join(pieces)
+
+    def batch_decode(self, seqs, skip_special_tokens: bool = True) -> list[str]:
+        return [self.decode(s, skip_special_tokens) for s in seqs]
+
+    def apply_chat_template(self, messages: Sequence[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = False, **_):
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        if add_generation_prompt:
+            text += "<|im_start|>assistant\n"
+        return self.encode(text) if tokenize else text
+
+    def __call__(self, texts, max_length: int | None = None, **_):
+        """Left-padded batch (input_ids, attention_mask) as a BatchEncoding (has ``.to(device)``)."""
+        if isinstance(texts, str):
+            texts = [texts]
+        return _left_pad([self.encode(t) for t in texts], self.pad_token_id, max_length)
+
+
+class HFTokenizer:
+    """Gives a transformers tokenizer the ByteTokenizer interface the trainer codes against."""
+
+    def __init__(self, tok):
+        self.tok = tok
+        eos = tok.eos_token_id
+        # Qwen chat models end a turn with <|im_end|>; generation should also stop at <|endoftext|>.
+        ids = [eos] if eos is not None else []
+        for s in ("<|im_end|>", "<|endoftext|>"):
+            i = tok.convert_tokens_to_ids(s)
+            if isinstance(i, int) and i != tok.unk_token_id and i not in ids:
+                ids.append(i)
+        if not ids:
+            raise UserError("The tokenizer has no end-of-sequence token; generation could never stop.")
+        self.eos_token_ids = ids
+        self.eos_token_id = ids[0]
+        self.pad_token_id = tok.pad_token_id if tok.pad_token_id is not None else self.eos_token_id
+        self.vocab_size = len(tok)
+
+    def __len__(self):
+        return self.vocab_size
+
+    def encode(self, text: str) -> list[int]:
+        return self.tok.encode(text, add_special_tokens=False)
+
+    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+        return self.tok.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def batch_decode(self, seqs, skip_special_tokens: bool = True) -> list[str]:
+        return self.tok.batch_decode(seqs, skip_special_tokens=skip_special_tokens)
+
+    def apply_chat_template(self, messages, add_generation_prompt: bool = True, tokenize: bool = False,
+                            **kw):
+        if getattr(self.tok, "chat_template", None) is None:
+            raise UserError("The tokenizer has no chat template; use a chat/instruct model.")
+        return self.tok.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt,
+                                            tokenize=tokenize, **kw)
+
+    def __call__(self, texts, max_length: int | None = None, **_):
+        if isinstance(texts, str):
+            texts = [texts]
+        return _left_pad([self.encode(t) for t in texts], self.pad_token_id, max_length)
+
+
+# ----------------------------------------------------------------------------- loading
+
+DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+          "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+def resolve_dtype(dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype not in DTYPES:
+        raise UserError(f"Unknown dtype {dtype!r}; use one of {sorted(DTYPES)}.")
+    return DTYPES[dtype]
+
+
+def load_model(name_or_path: str = "tiny", dtype="float32", device="cpu", seed: int = 0):
+    """(model, tokenizer): "tiny" builds the embedded model; anything else is a HF name or local path.
+
+    HF models load from a local directory or the HF cache (``make download-model`` warms it); set
+    HF_HUB_OFFLINE=1 to forbid network access. The model is returned in eval mode on ``device``.
+    """
+    dt = resolve_dtype(dtype)
+    if name_or_path == "tiny":
+        model, tok = build_tiny_model(seed=seed), ByteTokenizer()
+    else:
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+        try:
+            tok = HFTokenizer(AutoTokenizer.from_pretrained(name_or_path))
+            model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dt, attn_implementation="sdpa")
+        except (OSError, ValueError) as e:
+            raise UserError(f"Could not load model {name_or_path!r} (not a local path and not in the HF "
+                            f"cache? try `make download-model`): {str(e).splitlines()[0]}") from e
+        gc = model.generation_config
+        gc.pad_token_id = tok.pad_token_id
+        gc.eos_token_id = tok.eos_token_ids
+    model = model.to(device=device, dtype=dt).eval()
+    return model, tok
