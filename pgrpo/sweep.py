@@ -1,0 +1,516 @@
+"""`pgrpo sweep --config jobs/sweep-full.yaml [--dry-run]` and `pgrpo sweep status --config ...`.
+
+The preregistered comparison as one command: extract v_hack once, then seeds x arms training runs, each a
+subprocess `python -m pgrpo train ...` with its own run directory. Why this shape:
+- one subprocess per run: a crash, OOM or SIGKILL takes down one run, never the sweep; the rest continue;
+- every run is resumable: a run dir with a checkpoint is continued with `--resume`, a finished run
+  (its metrics reach the configured steps, or the sweep recorded it done) is skipped, so re-running the
+  same command after any interruption finishes exactly what is left;
+- runs are ordered seed-major (vanilla s0, projected s0, vanilla s1, ...) so a sweep stopped half-way
+  still holds matched pairs for the report;
+- GPUs: with `gpus: []` runs go one at a time on whatever device the trainer picks; with `gpus: [0, 1]`
+  one run per listed GPU at a time, pinned with CUDA_VISIBLE_DEVICES.
+State lives in the run dirs plus `<out>/sweep-state.json` (written temp + rename), which `status` reads.
+
+Sweep YAML (all keys; see jobs/sweep-full.yaml):
+    name: sweep-full            # sweep name (default: the file's stem)
+    out: runs/sweep-full        # sweep root; run dirs are <out>/<arm>-s<seed>
+    seeds: [0, 1, 2]
+    set: []                     # --set overrides for every run
+    gpus: []                    # [] = sequential; list of GPU ids = one run per GPU
+    extract:                    # omit (or null) when no arm needs v_hack
+      config: jobs/full-projected.yaml
+      out: vhack.safetensors    # relative to <out> unless absolute
+      set: []
+    arms:
+      vanilla:   {config: jobs/full-vanilla.yaml, set: [], vhack: true}
+      projected: {config: jobs/full-projected.yaml, set: [], vhack: true}
+    after_run: []               # optional command run after each finished run, e.g.
+                                # ["{python}", "-m", "pgrpo.substrate", "heldout", "{run}"]
+`vhack: true` passes `--set arm.vhack_path=<extracted file>` (vanilla then logs what projection would have
+removed without applying it).
+"""
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+from pgrpo.errors import UserError
+
+STATE_FILE = "sweep-state.json"
+DONE_FILE = "SWEEP_DONE"        # written into a run dir once its training (and after_run) succeeded
+SWEEP_KEYS = {"name", "out", "seeds", "set", "gpus", "extract", "arms", "after_run"}
+ARM_KEYS = {"config", "set", "vhack"}
+EXTRACT_KEYS = {"config", "out", "set"}
+
+
+# ----------------------------------------------------------------------------------------- config
+def _strlist(v, key):
+    if v is None:
+        return []
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise UserError(f"sweep key {key} must be a list of strings, got {v!r}")
+    return list(v)
+
+
+def load_sweep(path):
+    """Read and validate the sweep YAML; every mistake names its key. Paths are kept as written (relative
+    to the working directory, like `pgrpo train --config`)."""
+    import yaml
+    if not os.path.isfile(path):
+        raise UserError(f"sweep config {path} does not exist")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"sweep config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(d, dict):
+        raise UserError(f"sweep config {path} must hold a mapping of keys")
+    for k in d:
+        if k not in SWEEP_KEYS:
+            raise UserError(f"unknown sweep key {k} (known: {', '.join(sorted(SWEEP_KEYS))})")
+    name = d.get("name") or os.path.splitext(os.path.basename(path))[0]
+    out = d.get("out") or os.path.join("runs", name)
+    if not isinstance(out, str):
+        raise UserError("sweep key out must be a directory path")
+    seeds = d.get("seeds", [0, 1, 2])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
+                                                             for s in seeds):
+        raise UserError(f"sweep key seeds must be a non-empty list of integers, got {seeds!r}")
+    if len(set(seeds)) != len(seeds):
+        raise UserError(f"sweep key seeds lists a seed twice: {seeds}")
+    gpus = d.get("gpus") or []
+    if not isinstance(gpus, list) or not all(isinstance(g, (int, str)) and not isinstance(g, bool) for g in gpus):
+        raise UserError(f"sweep key gpus must be a list of GPU ids, got {gpus!r}")
+    if len(set(map(str, gpus))) != len(gpus):
+        raise UserError(f"sweep key gpus lists a GPU twice: {gpus}")
+    arms = d.get("arms")
+    if not isinstance(arms, dict) or not arms:
+        raise UserError("sweep key arms must map arm names to {config: preset.yaml, ...}")
+    norm_arms = {}
+    for arm, a in arms.items():
+        if not isinstance(a, dict) or not isinstance(a.get("config"), str):
+            raise UserError(f"sweep key arms.{arm}.config must name a preset YAML")
+        for k in a:
+            if k not in ARM_KEYS:
+                raise UserError(f"unknown sweep key arms.{arm}.{k} (known: {', '.join(sorted(ARM_KEYS))})")
+        if not os.path.isfile(a["config"]):
+            raise UserError(f"sweep key arms.{arm}.config points at {a['config']}, which does not exist")
+        vh = a.get("vhack", False)
+        if not isinstance(vh, bool):
+            raise UserError(f"sweep key arms.{arm}.vhack must be true or false")
+        norm_arms[str(arm)] = {"config": a["config"], "set": _strlist(a.get("set"), f"arms.{arm}.set"), "vhack": vh}
+    ex = d.get("extract")
+    if ex is not None:
+        if not isinstance(ex, dict) or not isinstance(ex.get("config"), str):
+            raise UserError("sweep key extract.config must name the preset `pgrpo extract` reads")
+        for k in ex:
+            if k not in EXTRACT_KEYS:
+                raise UserError(f"unknown sweep key extract.{k} (known: {', '.join(sorted(EXTRACT_KEYS))})")
+        if not os.path.isfile(ex["config"]):
+            raise UserError(f"sweep key extract.config points at {ex['config']}, which does not exist")
+        eout = ex.get("out") or "vhack.safetensors"
+        ex = {"config": ex["config"], "set": _strlist(ex.get("set"), "extract.set"),
+              "out": eout if os.path.isabs(eout) else os.path.join(out, eout)}
+    if any(a["vhack"] for a in norm_arms.values()) and ex is None:
+        raise UserError("an arm has vhack: true but the sweep has no extract section to make v_hack")
+    return {"path": path, "name": str(name), "out": out, "seeds": seeds, "gpus": [str(g) for g in gpus],
+            "set": _strlist(d.get("set"), "set"), "arms": norm_arms, "extract": ex,
+            "after_run": _strlist(d.get("after_run"), "after_run")}
+
+
+def plan(sw):
+    """The runs of the sweep, seed-major, each with its run dir and full `pgrpo train` argv tail."""
+    runs = []
+    for seed in sw["seeds"]:
+        for arm, a in sw["arms"].items():
+            name = f"{arm}-s{seed}"
+            sets = list(sw["set"]) + list(a["set"]) + [f"seed={seed}"]
+            if a["vhack"]:
+                sets.append(f"arm.vhack_path={sw['extract']['out']}")
+            runs.append({"name": name, "arm": arm, "seed": seed, "dir": os.path.join(sw["out"], name),
+                         "config": a["config"], "set": sets})
+    return runs
+
+
+# ----------------------------------------------------------------------------------------- run-dir state
+def planned_steps(run):
+    """Steps the run is configured for, from the resolved preset + overrides (the trainer's own loader)."""
+    from pgrpo import config as C
+    return C.load(run["config"], run["set"], check_files=False).steps
+
+
+def logged_steps(run_dir):
+    """Distinct steps in metrics.jsonl (a torn last line from a kill is ignored)."""
+    steps = set()
+    try:
+        with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue
+                if isinstance(row, dict) and isinstance(row.get("step"), int) and row.get("kind", "train") == "train":
+                    steps.add(row["step"])
+    except FileNotFoundError:
+        pass
+    return steps
+
+
+def has_checkpoint(run_dir):
+    return bool(glob.glob(os.path.join(run_dir, "*.safetensors")) or
+                glob.glob(os.path.join(run_dir, "checkpoints", "*.safetensors")))
+
+
+def is_finished(run, steps=None):
+    """A run is finished when the sweep marked it done, or its metrics reach its configured steps."""
+    if os.path.isfile(os.path.join(run["dir"], DONE_FILE)):
+        return True
+    steps = planned_steps(run) if steps is None else steps
+    logged = logged_steps(run["dir"])
+    return bool(logged) and (len(logged) >= steps or max(logged) >= steps)
+
+
+def _pid_alive(pid):
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+class State:
+    """<out>/sweep-state.json: one record per run (+ the extraction), rewritten atomically on each change."""
+
+    def __init__(self, sw):
+        self.path = os.path.join(sw["out"], STATE_FILE)
+        self.lock = threading.Lock()
+        self.d = {"sweep": sw["name"], "config": sw["path"], "runs": {}, "extract": None}
+        if os.path.isfile(self.path):
+            try:
+                with open(self.path, encoding="utf-8") as f:
+                    old = json.load(f)
+                if isinstance(old, dict):
+                    self.d.update({k: old[k] for k in ("runs", "extract") if k in old})
+            except (json.JSONDecodeError, OSError):
+                pass  # a state file is a cache of what the run dirs say; rebuild it
+
+    def set(self, key, **fields):
+        with self.lock:
+            if key == "extract":
+                self.d["extract"] = {**(self.d.get("extract") or {}), **fields}
+            else:
+                self.d["runs"][key] = {**self.d["runs"].get(key, {}), **fields}
+            self.d["updated"] = time.time()
+            os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+            tmp = f"{self.path}.tmp-{os.getpid()}-{threading.get_ident()}"
+            with open(tmp, "w", encoding="utf-8") as f:
+                json.dump(self.d, f, indent=1)
+            os.replace(tmp, self.path)
+
+    def get(self, key):
+        return (self.d.get("extract") if key == "extract" else self.d["runs"].get(key)) or {}
+
+
+# ----------------------------------------------------------------------------------------- running
+_children = set()
+_children_lock = threading.Lock()
+
+
+def _tail(path, n=3):
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            lines = [ln.rstrip() for ln in f.readlines()[-200:] if ln.strip()]
+    except OSError:
+        return ""
+    return " | ".join(lines[-n:])
+
+
+def _spawn(argv, log_path, env=None, on_start=None):
+    """Run one child with stdout+stderr to log_path (appended, so a resumed run keeps its history)."""
+    os.makedirs(os.path.dirname(log_path) or ".", exist_ok=True)
+    with open(log_path, "a", encoding="utf-8") as log:
+        log.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(argv)}\n")
+        log.flush()
+        p = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        with _children_lock:
+            _children.add(p)
+        try:
+            if on_start:
+                on_start(p)
+            return p.wait()
+        finally:
+            with _children_lock:
+                _children.discard(p)
+
+
+def _kill_children():
+    with _children_lock:
+        kids = list(_children)
+    for p in kids:
+        try:
+            os.killpg(p.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+    for p in kids:
+        try:
+            p.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+
+
+def train_argv(run):
+    argv = [sys.executable, "-m", "pgrpo", "train", "--config", run["config"], "--out", run["dir"]]
+    for s in run["set"]:
+        argv += ["--set", s]
+    if has_checkpoint(run["dir"]):
+        argv += ["--resume", run["dir"]]
+    return argv
+
+
+def after_argv(sw, run):
+    return [a.replace("{python}", sys.executable).replace("{run}", run["dir"]).replace("{seed}", str(run["seed"]))
+            .replace("{arm}", run["arm"]) for a in sw["after_run"]]
+
+
+def extract(sw, state, dry_run=False, log=print):
+    """Make v_hack once; returns True when the file exists afterwards."""
+    ex = sw["extract"]
+    if ex is None:
+        return True
+    if os.path.isfile(ex["out"]):
+        log(f"extract: {ex['out']} exists, skipped")
+        if state.get("extract").get("status") != "done":
+            state.set("extract", status="done", out=ex["out"])
+        return True
+    argv = [sys.executable, "-m", "pgrpo", "extract", "--config", ex["config"], "--out", ex["out"]]
+    for s in ex["set"]:
+        argv += ["--set", s]
+    if dry_run:
+        log("would run: " + " ".join(argv))
+        return False
+    log(f"extract: {' '.join(argv[2:])}")
+    os.makedirs(os.path.dirname(ex["out"]) or ".", exist_ok=True)
+    logp = os.path.join(sw["out"], "extract.log")
+    t0 = time.time()
+    state.set("extract", status="running", started=t0, log=logp, out=ex["out"])
+    rc = _spawn(argv, logp)
+    ok = rc == 0 and os.path.isfile(ex["out"])
+    state.set("extract", status="done" if ok else "failed", rc=rc, ended=time.time(),
+              error=None if ok else _tail(logp))
+    log(f"extract: {'done' if ok else f'FAILED (rc={rc}): ' + _tail(logp)} in {time.time() - t0:.0f}s")
+    return ok
+
+
+def run_one(sw, run, state, gpu=None, log=print):
+    """Train (or resume) one run, then its after_run hook; the outcome goes to the state file."""
+    argv = train_argv(run)
+    env = dict(os.environ)
+    if gpu is not None:
+        env["CUDA_VISIBLE_DEVICES"] = gpu
+    logp = os.path.join(run["dir"], "sweep.log")
+    attempts = state.get(run["name"]).get("attempts", 0) + 1
+    resumed = "--resume" in argv
+    log(f"{run['name']}: {'resume' if resumed else 'start'}{'' if gpu is None else f' on GPU {gpu}'}")
+    t0 = time.time()
+    state.set(run["name"], status="running", arm=run["arm"], seed=run["seed"], dir=run["dir"], gpu=gpu,
+              attempts=attempts, started=t0, log=logp, rc=None, error=None, resumed=resumed)
+    rc = _spawn(argv, logp, env=env, on_start=lambda p: state.set(run["name"], pid=p.pid))
+    if rc == 0 and sw["after_run"]:
+        rc = _spawn(after_argv(sw, run), logp, env=env, on_start=lambda p: state.set(run["name"], pid=p.pid))
+        stage = "after_run"
+    else:
+        stage = "train"
+    dt = time.time() - t0
+    if rc == 0:
+        _touch(os.path.join(run["dir"], DONE_FILE))
+        state.set(run["name"], status="done", rc=0, ended=time.time(), pid=None)
+        log(f"{run['name']}: done in {dt:.0f}s")
+        return True
+    err = _tail(logp)
+    state.set(run["name"], status="failed", rc=rc, ended=time.time(), pid=None, error=f"{stage}: {err}")
+    log(f"{run['name']}: FAILED ({stage}, rc={rc}) after {dt:.0f}s: {err}")
+    return False
+
+
+def _touch(path):
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write(time.strftime("%Y-%m-%dT%H:%M:%S\n"))
+    os.replace(tmp, path)
+
+
+def _on_term(signum, frame):
+    """SIGTERM (e.g. from a batch scheduler) stops the sweep like Ctrl-C: children are stopped, state saved."""
+    raise KeyboardInterrupt()
+
+
+def run_sweep(sw, dry_run=False, log=print):
+    """Extract, then every unfinished run; returns the number of runs that failed (0 = all done)."""
+    runs = plan(sw)
+    state = State(sw) if not dry_run else None
+    todo = []
+    for run in runs:
+        if is_finished(run):
+            log(f"{run['name']}: finished, skipped")
+            if state and state.get(run["name"]).get("status") != "done":
+                state.set(run["name"], status="done", arm=run["arm"], seed=run["seed"], dir=run["dir"])
+            continue
+        todo.append(run)
+    if dry_run:
+        extract(sw, None, dry_run=True, log=log)
+        for run in todo:
+            log("would run: " + " ".join(train_argv(run)))
+            if sw["after_run"]:
+                log("     then: " + " ".join(after_argv(sw, run)))
+        return 0
+    if not todo:
+        log("sweep: nothing left to run")
+        return 0
+    have_vhack = True
+    if any(sw["arms"][r["arm"]]["vhack"] for r in todo):
+        have_vhack = extract(sw, state, log=log)
+    failed = []
+    ready = []
+    for run in todo:
+        if sw["arms"][run["arm"]]["vhack"] and not have_vhack:
+            state.set(run["name"], status="failed", arm=run["arm"], seed=run["seed"], dir=run["dir"], rc=None,
+                      error="v_hack extraction failed (see extract.log)")
+            failed.append(run["name"])
+        else:
+            ready.append(run)
+
+    slots = sw["gpus"] or [None]
+    queue = list(ready)
+    qlock = threading.Lock()
+
+    def worker(gpu):
+        while True:
+            with qlock:
+                if not queue:
+                    return
+                run = queue.pop(0)
+            if not run_one(sw, run, state, gpu=gpu, log=log):
+                with qlock:
+                    failed.append(run["name"])
+
+    prev = signal.getsignal(signal.SIGTERM)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _on_term)
+    try:
+        if len(slots) == 1:
+            worker(slots[0])
+        else:
+            threads = [threading.Thread(target=worker, args=(g,), daemon=True) for g in slots]
+            for t in threads:
+                t.start()
+            while any(t.is_alive() for t in threads):
+                time.sleep(0.5)
+    except KeyboardInterrupt:
+        log("sweep: interrupted; stopping the running run(s); rerun the same command to resume")
+        with qlock:
+            queue.clear()
+        _kill_children()
+        for name, rec in state.d["runs"].items():
+            if rec.get("status") == "running":
+                state.set(name, status="interrupted", pid=None, ended=time.time())
+        raise
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, prev)
+    n_done = sum(1 for r in runs if is_finished(r))
+    log(f"sweep: {n_done}/{len(runs)} runs finished, {len(failed)} failed"
+        + (f" ({', '.join(failed)}); rerun the same command to retry/resume them" if failed else ""))
+    return len(failed)
+
+
+# ----------------------------------------------------------------------------------------- status
+def status_rows(sw):
+    """One row per planned run: name, arm, seed, status, steps logged/planned, checkpoint, note."""
+    state = State(sw)
+    rows = []
+    for run in plan(sw):
+        rec = state.get(run["name"])
+        try:
+            steps = planned_steps(run)
+        except UserError:
+            steps = None
+        logged = logged_steps(run["dir"])
+        finished = os.path.isfile(os.path.join(run["dir"], DONE_FILE)) or (
+            steps is not None and bool(logged) and (len(logged) >= steps or max(logged) >= steps))
+        st = rec.get("status")
+        if finished:
+            status = "done"
+        elif st == "running" and _pid_alive(rec.get("pid")):
+            status = "running"
+        elif st == "failed":
+            status = "failed"
+        elif st in ("running", "interrupted") or logged:
+            status = "interrupted"
+        else:
+            status = "pending"
+        note = ""
+        if status != "done" and status != "running" and (logged or st):
+            note = "resumes from checkpoint" if has_checkpoint(run["dir"]) else "restarts from step 0"
+        if status == "failed":
+            note = f"rc={rec.get('rc')}, {note}: {rec.get('error') or ''}"
+        rows.append({"name": run["name"], "arm": run["arm"], "seed": run["seed"], "status": status,
+                     "steps": len(logged), "planned": steps, "checkpoint": has_checkpoint(run["dir"]),
+                     "attempts": rec.get("attempts", 0), "note": note, "dir": run["dir"]})
+    return rows, state.get("extract")
+
+
+def format_status(sw):
+    rows, ex = status_rows(sw)
+    lines = [f"sweep {sw['name']} ({sw['path']}) -> {sw['out']}"]
+    if sw["extract"]:
+        have = os.path.isfile(sw["extract"]["out"])
+        st = "done" if have else (ex.get("status") or "pending")
+        lines.append(f"extract: {st}  {sw['extract']['out']}" + (f"  ({ex.get('error')})" if st == "failed" else ""))
+    w = max(len(r["name"]) for r in rows)
+    lines.append(f"{'run':<{w}}  {'status':<11}  {'steps':>9}  tries  note")
+    for r in rows:
+        steps = f"{r['steps']}/{r['planned'] if r['planned'] is not None else '?'}"
+        lines.append(f"{r['name']:<{w}}  {r['status']:<11}  {steps:>9}  {r['attempts']:>5}  {r['note']}".rstrip())
+    counts = {}
+    for r in rows:
+        counts[r["status"]] = counts.get(r["status"], 0) + 1
+    order = ("done", "running", "failed", "interrupted", "pending")
+    lines.append("total: " + ", ".join(f"{counts[k]} {k}" for k in order if k in counts)
+                 + f" of {len(rows)}" + ("" if counts.get("done", 0) == len(rows) else
+                                         f"; left: {len(rows) - counts.get('done', 0)}"))
+    return "\n".join(lines)
+
+
+def cli(argv):
+    argv = list(argv)
+    sub = "run"
+    if argv and argv[0] in ("status", "run"):
+        sub = argv.pop(0)
+    ap = argparse.ArgumentParser(prog=f"pgrpo sweep{' status' if sub == 'status' else ''}",
+                                 description="Run (or show the state of) a seeds x arms sweep.")
+    ap.add_argument("--config", required=True, help="sweep YAML, e.g. jobs/sweep-full.yaml")
+    if sub == "run":
+        ap.add_argument("--dry-run", action="store_true", help="print the commands, run nothing")
+    a = ap.parse_args(argv)
+    sw = load_sweep(a.config)
+    if sub == "status":
+        print(format_status(sw))
+        return 0
+    try:
+        failed = run_sweep(sw, dry_run=a.dry_run)
+    except KeyboardInterrupt:
+        return 130
+    return 1 if failed else 0
