@@ -1,0 +1,412 @@
+"""v_hack: the reward-hack direction in the SVD basis of each adapted weight, and how it is found.
+
+Sign convention (docs/method.md has the long form). For a completion y, g(y) is the gradient of its
+mean-token NLL with respect to the flat knob delta. The GRPO loss is sum_i A_i * NLL_i, so with
+advantage +1 on a hack and -1 on its clean twin the *loss gradient* is
+
+    D = g(hack) - g(clean),
+
+and the optimizer step -lr * D raises log p(hack) - log p(clean). v_hack is oriented along D. The trainer
+projects the loss gradient g (the thing the optimizer descends): one-sided removes relu(V g) V, i.e. only
+the part of g whose descent step moves toward hacks; a gradient that moves away from hacks (V g < 0) is
+kept.
+
+Extraction: one isolated backward per completion -> D per pair -> per module, SVD of the stacked D rows,
+top-k right singular vectors, each sign-oriented by majority vote of the fit pairs, then a global
+noise-floor cut over all modules' singular values. A held-out split (by pair, seeded) checks that unseen
+hack-minus-clean gradients project positively on v_hack, next to a random-direction null.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+import os
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from pgrpo import ops
+from pgrpo.errors import UserError
+
+# ----------------------------------------------------------------------------- gradients per completion
+
+
+def _prompt_text(tokenizer, prompt) -> str:
+    """A pair's prompt is chat messages (rendered with the model's own template) or already-rendered text."""
+    if isinstance(prompt, str):
+        return prompt
+    text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
+    if not isinstance(text, str):
+        raise UserError("the tokenizer's chat template did not return text; cannot build extraction inputs.")
+    return text
+
+
+def _encode(tokenizer, text: str) -> list:
+    return list(tokenizer.encode(text))  # pgrpo.model tokenizers add no special tokens here
+
+
+def completion_grad(model, adapter, tokenizer, prompt, completion: str, max_tokens: int | None = None) -> torch.Tensor:
+    """d(mean-token NLL of `completion` given `prompt`)/d(delta), fp32 [R], from one isolated backward.
+
+    The completion ends with EOS (as a sampled one would). `max_tokens` truncates the prompt from the left
+    (the completion is what we measure and is kept whole). Adapter grads are cleared before and after, so
+    this never mixes with, or leaves anything in, a training step's accumulation.
+    """
+    device = adapter.delta.device
+    p_ids = _encode(tokenizer, _prompt_text(tokenizer, prompt))
+    c_ids = _encode(tokenizer, completion)
+    eos = getattr(tokenizer, "eos_token_id", None)
+    if eos is not None:
+        c_ids = c_ids + [int(eos)]
+    if not c_ids:
+        raise UserError("an extraction completion is empty.")
+    if max_tokens is not None and len(p_ids) + len(c_ids) > max_tokens:
+        keep = max(1, max_tokens - len(c_ids))
+        p_ids = p_ids[-keep:]
+    ids = torch.tensor([p_ids + c_ids], dtype=torch.long, device=device)
+    labels = ids.clone()
+    labels[:, : len(p_ids)] = -100  # score only the completion
+    adapter.zero_grad()
+    with torch.enable_grad():
+        out = model(input_ids=ids, use_cache=False)
+        logits = out.logits[:, :-1].float()
+        tgt = labels[:, 1:]
+        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
+                                                ignore_index=-100, reduction="mean")
+        nll.backward()
+    g = adapter.collect_grad().detach().float().clone()
+    adapter.zero_grad()
+    return g
+
+
+def pair_diffs(model, adapter, tokenizer, pairs, max_tokens: int | None = None, log=None) -> torch.Tensor:
+    """D [n_pairs, R]: row i = g(hack_i) - g(clean_i), the loss gradient of GRPO with A=+1 hack, -1 clean."""
+    rows = []
+    t0 = time.time()
+    for i, p in enumerate(pairs):
+        gh = completion_grad(model, adapter, tokenizer, p["prompt"], p["hack"], max_tokens)
+        gc = completion_grad(model, adapter, tokenizer, p["prompt"], p["clean"], max_tokens)
+        rows.append((gh - gc).cpu())
+        if log is not None and ((i + 1) % 10 == 0 or i + 1 == len(pairs)):
+            log(f"extract: gradients for {i + 1}/{len(pairs)} pairs ({time.time() - t0:.1f}s)")
+    if not rows:
+        raise UserError("no pairs to extract v_hack from.")
+    return torch.stack(rows)
+
+
+# ----------------------------------------------------------------------------- the fit (pure math)
+
+
+def split_pairs(n: int, heldout: float, seed: int) -> tuple[list, list]:
+    """Seeded split of pair indices into (fit, held-out); disjoint, fit never empty."""
+    if not 0.0 <= heldout < 1.0:
+        raise UserError(f"heldout must be in [0, 1), got {heldout}.")
+    idx = list(range(n))
+    random.Random(seed).shuffle(idx)
+    n_held = int(round(heldout * n))
+    if heldout > 0 and n >= 2:
+        n_held = max(1, n_held)
+    n_held = min(n_held, n - 1)
+    held, fit = sorted(idx[:n_held]), sorted(idx[n_held:])
+    return fit, held
+
+
+def _blocks(names, offsets):
+    return [(name, offsets[m], offsets[m + 1]) for m, name in enumerate(names)]
+
+
+def orient(V: torch.Tensor, Dm: torch.Tensor) -> torch.Tensor:
+    """Flip each row of V so that the majority of the fit pairs' D project positively on it.
+
+    A tied vote is broken by the sign of the summed projection (and + when that is exactly 0).
+    """
+    c = Dm @ V.T  # [n, k]
+    votes = torch.sign(c).sum(0)
+    tie_break = torch.sign(c.sum(0))
+    s = torch.where(votes != 0, torch.sign(votes), tie_break)
+    s = torch.where(s == 0, torch.ones_like(s), s)
+    return V * s[:, None]
+
+
+def noise_floor_cut(S: dict, cut: float) -> dict:
+    """How many directions each module keeps after dropping the bottom `cut` fraction of all singular
+    values pooled across modules. Values are per module in descending order, so a module keeps a prefix;
+    ties at the threshold are broken by module order then index, deterministically. Returns {name: k_kept}.
+    """
+    if not 0.0 <= cut < 1.0:
+        raise UserError(f"cut must be in [0, 1), got {cut}.")
+    pooled = [(float(s), name, j) for name, sv in S.items() for j, s in enumerate(sv.tolist())]
+    n_drop = int(math.floor(cut * len(pooled)))
+    order = sorted(range(len(pooled)), key=lambda t: (pooled[t][0], -list(S).index(pooled[t][1]), -pooled[t][2]))
+    dropped = {(pooled[t][1], pooled[t][2]) for t in order[:n_drop]}
+    keep = {}
+    for name, sv in S.items():
+        k = 0
+        for j in range(sv.numel()):
+            if (name, j) in dropped:
+                break
+            k += 1
+        keep[name] = k
+    return keep
+
+
+def fit_vhack(D: torch.Tensor, names, offsets, k: int = 4, cut: float = 0.25) -> tuple[dict, dict]:
+    """Per module: SVD of the stacked D rows, top-k right singular vectors, majority-vote orientation;
+    then the global noise-floor cut. Returns (V {name: [k_m, r_m] fp32}, S {name: [k_m] fp32}); modules
+    left with nothing are absent (the projection passes them through)."""
+    if k < 1:
+        raise UserError(f"k must be >= 1, got {k}.")
+    D = D.double()
+    V_all, S_all = {}, {}
+    for name, a, b in _blocks(names, offsets):
+        Dm = D[:, a:b]
+        if Dm.shape[1] == 0:
+            continue
+        _, S, Vh = torch.linalg.svd(Dm, full_matrices=False)
+        kk = min(k, S.numel())
+        V_all[name] = orient(Vh[:kk], Dm)
+        S_all[name] = S[:kk]
+    keep = noise_floor_cut(S_all, cut)
+    V_out, S_out = {}, {}
+    for name in V_all:
+        kk = keep[name]
+        if kk == 0 or float(S_all[name][0]) == 0.0:
+            continue
+        V_out[name] = V_all[name][:kk].float().contiguous()
+        S_out[name] = S_all[name][:kk].float().contiguous()
+    return V_out, S_out
+
+
+def random_vhack(like: dict, D_fit: torch.Tensor, names, offsets, seed: int) -> dict:
+    """The null: random orthonormal rows with the same k per module, oriented by the same majority vote."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    out = {}
+    for name, a, b in _blocks(names, offsets):
+        if name not in like:
+            continue
+        k, r = like[name].shape
+        Q, _ = torch.linalg.qr(torch.randn(r, k, generator=gen, dtype=torch.float64))
+        out[name] = orient(Q.T.contiguous(), D_fit[:, a:b].double()).float()
+    return out
+
+
+def project(g: torch.Tensor, V: dict, names, ranks, overshoot: float = 1.0, one_sided: bool = True):
+    """Project a flat loss gradient with the trainer's op (ops.project_); returns (new g, stats [M,2])."""
+    g = g.detach().float().clone()
+    packed = ops.pack_vhack(names, ranks, V, device=g.device)
+    offs = torch.tensor([0] + list(_cumsum(ranks)), dtype=torch.int64, device=g.device)
+    stats = ops.project_(g, offs, packed.v, packed.v_offsets, packed.ks, overshoot, one_sided)
+    return g, stats
+
+
+def _cumsum(xs):
+    s = 0
+    for x in xs:
+        s += x
+        yield s
+
+
+def evaluate(D_held: torch.Tensor, D_fit: torch.Tensor, V: dict, names, offsets) -> dict:
+    """How held-out hack-minus-clean gradients sit on a v_hack set (real or null), over the modules in V.
+
+    Per held-out pair, with D restricted to the modules that have directions:
+    - cosine: cos(D, u) where u = block-concat of sum_j s_mj v_mj and s_mj = ||D_fit,m v_mj|| (the fit
+      singular value for the real v_hack); positive = the pair projects on the hack side. accuracy = share
+      of pairs with cosine > 0.
+    - coef_accuracy: share of all (module, direction) coefficients v_mj . D_m that are > 0.
+    - removed_fraction: ||relu(V D) V|| / ||D||, what the one-sided projection would erase from that
+      pair's GRPO gradient (a random k-dim subspace of an r-dim module erases about sqrt(k/(2r))).
+    """
+    blocks = [(name, a, b) for name, a, b in _blocks(names, offsets) if name in V]
+    if not blocks or D_held.shape[0] == 0:
+        return {"n_pairs": int(D_held.shape[0]), "accuracy": None, "mean_cosine": None,
+                "coef_accuracy": None, "removed_fraction": None, "per_pair": []}
+    u_parts = []
+    for name, a, b in blocks:
+        Vm = V[name].double()
+        s = (D_fit[:, a:b].double() @ Vm.T).norm(dim=0)  # [k]
+        u_parts.append(s @ Vm)
+    u = torch.cat(u_parts)
+    per_pair = []
+    pos_coef = tot_coef = 0
+    for i in range(D_held.shape[0]):
+        d_parts, removed_sq = [], 0.0
+        for name, a, b in blocks:
+            dm = D_held[i, a:b].double()
+            c = V[name].double() @ dm
+            pos_coef += int((c > 0).sum())
+            tot_coef += c.numel()
+            removed_sq += float((c.clamp_min(0) ** 2).sum())  # rows orthonormal: ||relu(c) V||^2 = ||relu(c)||^2
+            d_parts.append(dm)
+        d = torch.cat(d_parts)
+        dn = float(d.norm())
+        cos = float(d @ u) / (dn * float(u.norm()) + 1e-30)
+        per_pair.append({"cosine": cos, "positive": cos > 0,
+                         "removed_fraction": math.sqrt(removed_sq) / (dn + 1e-30)})
+    n = len(per_pair)
+    return {
+        "n_pairs": n,
+        "accuracy": sum(p["positive"] for p in per_pair) / n,
+        "mean_cosine": sum(p["cosine"] for p in per_pair) / n,
+        "coef_accuracy": pos_coef / max(tot_coef, 1),
+        "removed_fraction": sum(p["removed_fraction"] for p in per_pair) / n,
+        "per_pair": per_pair,
+    }
+
+
+def vhack_overlap(old: dict, new: dict) -> float:
+    """Basis overlap of two v_hack sets: mean over modules (union) of ||V_old V_new^T||_F^2 / k, with k the
+    larger of the two ranks; 1 = same subspaces, 0 = orthogonal (a module present in only one counts 0)."""
+    names = list(dict.fromkeys(list(old) + list(new)))
+    if not names:
+        return 1.0
+    tot = 0.0
+    for name in names:
+        a, b = old.get(name), new.get(name)
+        if a is None or b is None or a.numel() == 0 or b.numel() == 0:
+            continue
+        M = a.double().cpu() @ b.double().cpu().T
+        tot += float((M ** 2).sum()) / max(a.shape[0], b.shape[0])
+    return tot / len(names)
+
+
+# ----------------------------------------------------------------------------- end-to-end extraction
+
+
+@dataclass
+class Extraction:
+    V: dict
+    S: dict
+    fit_idx: list
+    held_idx: list
+    report: dict = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def _hack_knob_off(adapter):
+    """Route arm: extraction sees the deployed policy, so the quarantine knob is switched off meanwhile."""
+    class _Ctx:
+        def __enter__(self):
+            self.prev = getattr(adapter, "hack_enabled", None)
+            if getattr(adapter, "delta_hack", None) is not None and self.prev:
+                adapter.hack_enabled = False
+            if getattr(adapter, "mode", None) == "merged":
+                adapter.merge()
+            return self
+
+        def __exit__(self, *exc):
+            if self.prev is not None and getattr(adapter, "hack_enabled", None) != self.prev:
+                adapter.hack_enabled = self.prev
+                if getattr(adapter, "mode", None) == "merged":
+                    adapter.merge()
+            return False
+    return _Ctx()
+
+
+def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.25, heldout: float = 0.0,
+                   seed: int = 0, max_tokens: int | None = None, log=None) -> Extraction:
+    """Gradients for every pair, fit on the fit split, report on the held-out split (if any)."""
+    t0 = time.time()
+    fit_idx, held_idx = split_pairs(len(pairs), heldout, seed)
+    was_training = model.training
+    model.eval()  # no dropout: the gradient of the policy as it samples
+    try:
+        with _hack_knob_off(adapter):
+            D = pair_diffs(model, adapter, tokenizer, pairs, max_tokens=max_tokens, log=log)
+    finally:
+        model.train(was_training)
+    names, offsets = list(adapter.names), list(adapter.offsets)
+    D_fit = D[fit_idx]
+    V, S = fit_vhack(D_fit, names, offsets, k=k, cut=cut)
+    report = {"n_pairs": len(pairs), "n_fit": len(fit_idx), "n_heldout": len(held_idx), "k": k, "cut": cut,
+              "seed": seed, "modules_total": len(names), "modules_kept": len(V),
+              "directions_kept": int(sum(v.shape[0] for v in V.values()))}
+    if held_idx:
+        D_held = D[held_idx]
+        real = evaluate(D_held, D_fit, V, names, offsets)
+        null = evaluate(D_held, D_fit, random_vhack(V, D_fit, names, offsets, seed), names, offsets)
+        for r, idxs in ((real, held_idx), (null, held_idx)):
+            for p, i in zip(r["per_pair"], idxs):
+                p["pair"] = i
+                p["problem_id"] = pairs[i].get("problem_id")
+                p["style"] = pairs[i].get("style")
+        report["heldout"] = real
+        report["null"] = null
+    return Extraction(V=V, S=S, fit_idx=fit_idx, held_idx=held_idx, report=report, seconds=time.time() - t0)
+
+
+def extract_vhack(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.25, seed: int = 0,
+                  max_tokens: int | None = None, log=None) -> dict:
+    """The trainer's refresh entry point: v_hack {name: V [k_m, r_m] fp32} from all pairs at the current
+    knobs (quarantine knob off). Leaves the adapter's grads cleared and its merge state as it found it."""
+    return run_extraction(model, adapter, tokenizer, pairs, k=k, cut=cut, heldout=0.0, seed=seed,
+                          max_tokens=max_tokens, log=log).V
+
+
+# ----------------------------------------------------------------------------- file format
+
+
+def save_vhack(path, V: dict, S: dict, metadata: dict | None = None) -> None:
+    """safetensors with V/<module> [k, r] and S/<module> [k]; metadata values are stored as strings."""
+    from safetensors.torch import save_file
+    tensors = {}
+    for name, v in V.items():
+        tensors[f"V/{name}"] = v.detach().float().cpu().contiguous()
+        tensors[f"S/{name}"] = S[name].detach().float().cpu().contiguous()
+    meta = {str(a): (b if isinstance(b, str) else json.dumps(b)) for a, b in (metadata or {}).items()}
+    meta["modules"] = json.dumps(list(V))
+    path = os.fspath(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def load_vhack(path) -> tuple[dict, dict, dict]:
+    """(V {name: [k, r] fp32}, S {name: [k] fp32}, metadata {str: str}) in the saved module order."""
+    from safetensors import safe_open
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"{path}: v_hack file not found (run `pgrpo extract` or `make extract`).")
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = dict(f.metadata() or {})
+            keys = set(f.keys())
+            order = json.loads(meta.get("modules", "[]")) or sorted(k[2:] for k in keys if k.startswith("V/"))
+            V = {n: f.get_tensor(f"V/{n}").float() for n in order}
+            S = {n: f.get_tensor(f"S/{n}").float() if f"S/{n}" in keys else torch.zeros(V[n].shape[0]) for n in order}
+    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as e:
+        raise UserError(f"{path}: not a readable v_hack file ({e}).") from None
+    return V, S, meta
+
+
+def sha256_file(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def format_report(rep: dict) -> str:
+    lines = [f"v_hack: {rep['modules_kept']}/{rep['modules_total']} modules, {rep['directions_kept']} directions "
+             f"(k={rep['k']}, cut={rep['cut']}), fit on {rep['n_fit']} pairs, held out {rep['n_heldout']}"]
+    if "heldout" in rep:
+        h, n = rep["heldout"], rep["null"]
+
+        def f(x):
+            return "n/a" if x is None else f"{x:.3f}"
+        lines.append(f"{'':16}{'accuracy':>10}{'mean_cos':>10}{'coef_acc':>10}{'removed':>10}")
+        for label, r in (("v_hack", h), ("random null", n)):
+            lines.append(f"{label:16}{f(r['accuracy']):>10}{f(r['mean_cosine']):>10}"
+                         f"{f(r['coef_accuracy']):>10}{f(r['removed_fraction']):>10}")
+    return "\n".join(lines)
