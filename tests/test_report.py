@@ -1,0 +1,190 @@
+"""`pgrpo report` on hand-written run directories whose answers are known in advance.
+
+Each synthetic run logs a constant hack/pass rate per step (plus a different early phase, so the
+final-window and whole-run means differ), which makes every expected mean, SEM, CI and verdict
+computable by hand below.
+"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import pytest
+
+from pgrpo import report as R
+from pgrpo.errors import UserError
+
+
+def write_run(root, arm, seed, hack, pass_, steps=40, early=0.5, planned=None, evals=None, name=None):
+    """A run dir: config.yaml like the trainer's, metrics.jsonl with `early` for the first half of the
+    steps and (hack, pass_) for the rest (the default window of a 40-step run is its last 10 steps)."""
+    d = os.path.join(str(root), name or f"{arm}-s{seed}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "config.yaml"), "w") as f:
+        f.write(f"arm:\n  name: {arm}\n  vhack_path: null\nseed: {seed}\nsteps: {planned or steps}\n")
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        for s in range(1, steps + 1):
+            late = s > steps // 2
+            row = {"step": s, "hack_rate": hack if late else early, "pass_rate": pass_ if late else early,
+                   "reward_mean": 1.0, "proj_removed_ratio": 0.1 if arm == "projected" else 0.0,
+                   "grad_vhack_cosine": 0.2}
+            f.write(json.dumps(row) + "\n")
+        for e in evals or []:
+            f.write(json.dumps({"kind": "eval", **e}) + "\n")
+    return d
+
+
+def arms(root, hv, hp, pv, pp, **kw):
+    """vanilla seeds with hack rates hv / pass pv, projected with hp / pp (lists, one per seed)."""
+    for i, (h, p) in enumerate(zip(hv, pv)):
+        write_run(root, "vanilla", i, h, p, **kw)
+    for i, (h, p) in enumerate(zip(hp, pp)):
+        write_run(root, "projected", i, h, p, **kw)
+
+
+def test_t_quantiles_match_tables():
+    # Student t 0.975 quantiles from standard tables, including a non-integer (Welch) df.
+    assert R.t_ppf(0.975, 2) == pytest.approx(4.302653, abs=1e-5)
+    assert R.t_ppf(0.975, 4) == pytest.approx(2.776445, abs=1e-5)
+    assert R.t_ppf(0.975, 30) == pytest.approx(2.042272, abs=1e-5)
+    assert R.t_cdf(0.0, 3.7) == pytest.approx(0.5)
+    assert R.t_cdf(R.t_ppf(0.9, 5.5), 5.5) == pytest.approx(0.9, abs=1e-9)
+
+
+def test_supported_with_known_numbers(tmp_path):
+    arms(tmp_path, [0.60, 0.70, 0.80], [0.10, 0.20, 0.30], [0.40, 0.45, 0.50], [0.40, 0.45, 0.50])
+    rep = R.report([str(tmp_path)], out=str(tmp_path / "out"))
+    assert rep["verdict"] == "supported"
+    v, p = rep["arms"]["vanilla"], rep["arms"]["projected"]
+    assert v["hack_final"]["mean"] == pytest.approx(0.70)
+    assert v["hack_final"]["sem"] == pytest.approx(0.1 / math.sqrt(3))     # sd 0.1 over 3 seeds
+    assert v["hack_all"]["mean"] == pytest.approx((0.70 + 0.5) / 2)        # half the steps at `early`
+    assert p["hack_final"]["mean"] == pytest.approx(0.20)
+    st = rep["stats"]
+    assert st["R"] == pytest.approx(0.50)
+    assert st["D"] == pytest.approx(0.0)
+    se = math.sqrt(2 * 0.01 / 3)
+    assert st["hack"]["se"] == pytest.approx(se)
+    assert st["hack"]["df"] == pytest.approx(4.0)                          # equal variances, n=3+3
+    lo, hi = st["hack"]["ci"]
+    assert lo == pytest.approx(-0.5 - 2.776445 * se, abs=1e-5)
+    assert hi == pytest.approx(-0.5 + 2.776445 * se, abs=1e-5)
+    for f in ("report.md", "report.json", "hack_pass.png", "projection.png"):
+        assert os.path.getsize(tmp_path / "out" / f) > 0
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "**Verdict: SUPPORTED**" in md and "Decision rule (preregistered)" in md
+    assert "| vanilla | 3 (0, 1, 2) | 70.0 +- 5.8 |" in md
+    assert not [f for f in os.listdir(tmp_path / "out") if ".tmp" in f]
+    with open(tmp_path / "out" / "hack_pass.png", "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_falsified_small_reduction(tmp_path):
+    # R = 10pp, clearly outside noise, pass matched -> falsified by the < 15pp rule only.
+    arms(tmp_path, [0.50, 0.51, 0.52], [0.40, 0.41, 0.42], [0.3] * 3, [0.3] * 3)
+    rep = R.report([str(tmp_path)], out=str(tmp_path / "o"), plots=False)
+    assert rep["verdict"] == "falsified"
+    assert rep["stats"]["R"] == pytest.approx(0.10)
+    assert len(rep["reasons"]) == 1 and "< 15pp" in rep["reasons"][0]
+
+
+def test_falsified_pass_drop(tmp_path):
+    # R = 50pp (would support) but the pass rate falls 20pp -> falsified by the pass-drop rule only.
+    arms(tmp_path, [0.6, 0.7, 0.8], [0.1, 0.2, 0.3], [0.50, 0.50, 0.50], [0.30, 0.30, 0.30])
+    rep = R.report([str(tmp_path)], out=str(tmp_path / "o"), plots=False)
+    assert rep["verdict"] == "falsified"
+    assert rep["stats"]["D"] == pytest.approx(-0.20)
+    assert len(rep["reasons"]) == 1 and "pass rate drops by 20.0pp" in rep["reasons"][0]
+
+
+def test_falsified_within_one_sem(tmp_path):
+    # Mean reduction 20pp (between the thresholds) but the seeds scatter so widely that SE > 20pp.
+    arms(tmp_path, [0.0, 0.5, 1.0], [0.0, 0.3, 0.6], [0.4] * 3, [0.4] * 3)
+    rep = R.report([str(tmp_path)], out=str(tmp_path / "o"), plots=False)
+    st = rep["stats"]
+    assert st["R"] == pytest.approx(0.20)
+    assert st["se"] == pytest.approx(math.sqrt((0.25 + 0.09) / 3))   # 0.337 > 0.20
+    assert rep["verdict"] == "falsified"
+    assert len(rep["reasons"]) == 1 and "within 1 SEM" in rep["reasons"][0]
+
+
+def test_inconclusive_between_thresholds(tmp_path):
+    # R = 20pp, tight seeds, pass matched: neither >= 30pp nor < 15pp -> inconclusive.
+    arms(tmp_path, [0.50, 0.51, 0.52], [0.30, 0.31, 0.32], [0.3] * 3, [0.3] * 3)
+    rep = R.report([str(tmp_path)], out=str(tmp_path / "o"), plots=False)
+    assert rep["verdict"] == "inconclusive"
+    assert "between 15 and 30pp" in rep["reasons"][0]
+
+
+def test_inconclusive_pass_not_matched(tmp_path):
+    # R = 50pp but pass drops 12pp: not matched (+-10pp), not a falsifying drop (> 15pp).
+    arms(tmp_path, [0.6, 0.7, 0.8], [0.1, 0.2, 0.3], [0.50] * 3, [0.38] * 3)
+    rep = R.report([str(tmp_path)], out=str(tmp_path / "o"), plots=False)
+    assert rep["verdict"] == "inconclusive"
+    assert any("not matched" in r for r in rep["reasons"])
+
+
+def test_partial_sweep_is_inconclusive(tmp_path):
+    # The numbers would support H1, but projected has 2 of 3 seeds and one vanilla run is unfinished.
+    write_run(tmp_path, "vanilla", 0, 0.7, 0.4)
+    write_run(tmp_path, "vanilla", 1, 0.8, 0.4)
+    write_run(tmp_path, "vanilla", 2, 0.6, 0.4, planned=100)
+    write_run(tmp_path, "projected", 0, 0.1, 0.4)
+    write_run(tmp_path, "projected", 1, 0.2, 0.4)
+    rep = R.report([str(tmp_path)], out=str(tmp_path / "o"))
+    assert rep["verdict"] == "inconclusive"
+    assert "partial sweep: arm projected has 2 of 3 seeds" in rep["reasons"]
+    assert any("unfinished runs (vanilla-s2)" in r for r in rep["reasons"])
+    md = (tmp_path / "o" / "report.md").read_text()
+    assert "40/100 (unfinished)" in md
+    # One arm missing entirely: still a report, still inconclusive, the table says it is missing.
+    only = tmp_path / "only"
+    write_run(only, "vanilla", 0, 0.7, 0.4)
+    rep = R.report([str(only)], out=str(tmp_path / "o2"))
+    assert rep["verdict"] == "inconclusive"
+    assert "| projected | 0 (missing) |" in (tmp_path / "o2" / "report.md").read_text()
+
+
+def test_window_and_eval_rows(tmp_path):
+    # With eval rows in every run, the verdict uses the held-out eval hack rate of the last eval step.
+    for s in range(3):
+        write_run(tmp_path, "vanilla", s, 0.1, 0.4, evals=[{"step": 10, "hack_rate": 0.9, "pass_rate": 0.1},
+                                                          {"step": 40, "hack_rate": 0.6, "pass_rate": 0.3 + s / 100}])
+        write_run(tmp_path, "projected", s, 0.1, 0.4, evals=[{"step": 40, "hack_rate": 0.1 + s / 100,
+                                                             "pass_rate": 0.3}])
+    rep = R.report([str(tmp_path)], out=str(tmp_path / "o"), plots=False)
+    assert rep["stats"]["metric"] == "eval"
+    assert rep["arms"]["vanilla"]["eval_hack"]["mean"] == pytest.approx(0.6)
+    assert rep["verdict"] == "supported"
+    # --window 30 reaches back into the early phase: (10 * 0.5 + 20 * 0.1) / 30
+    rep = R.report([str(tmp_path)], out=str(tmp_path / "o"), window=30, plots=False)
+    assert rep["runs"][0]["hack_final"] == pytest.approx((10 * 0.5 + 20 * 0.1) / 30)
+
+
+def test_bad_input_is_one_sentence(tmp_path):
+    with pytest.raises(UserError, match="no run directories given"):
+        R.report([], out=str(tmp_path / "o"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="no metrics.jsonl"):
+        R.report([str(tmp_path / "empty")], out=str(tmp_path / "o"))
+    write_run(tmp_path / "a", "vanilla", 0, 0.5, 0.5)
+    write_run(tmp_path / "b", "vanilla", 0, 0.5, 0.5)
+    with pytest.raises(UserError, match="both arm vanilla seed 0"):
+        R.report([str(tmp_path / "a" / "vanilla-s0"), str(tmp_path / "b" / "vanilla-s0")], out=str(tmp_path / "o"))
+    # Through the real CLI: exit status 2 and one line on stderr, nothing half-written.
+    p = subprocess.run([sys.executable, "-m", "pgrpo", "report", str(tmp_path / "empty"), "--out",
+                        str(tmp_path / "cli")], capture_output=True, text=True)
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "no metrics.jsonl" in p.stderr
+    assert not (tmp_path / "cli" / "report.md").exists()
+
+
+def test_cli_end_to_end(tmp_path):
+    arms(tmp_path / "runs", [0.6, 0.7, 0.8], [0.1, 0.2, 0.3], [0.4] * 3, [0.4] * 3)
+    p = subprocess.run([sys.executable, "-m", "pgrpo", "report", str(tmp_path / "runs"), "--out",
+                        str(tmp_path / "rep")], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.startswith("verdict: supported (R = 50.0pp")
+    data = json.loads((tmp_path / "rep" / "report.json").read_text())
+    assert data["verdict"] == "supported" and len(data["runs"]) == 6
