@@ -204,10 +204,11 @@ class SVDAdapter:
                 self._linears.append(lin)
             g.U, g.Vh = torch.stack(Us), torch.stack(Vhs)
             del Us, Vhs
-            if mode == "merged":
+            if mode == "merged":  # link per group so the original weights are freed as we go
                 g.W0 = torch.stack([lin.weight.data for _, lin in mods])
                 g.W = g.W0.clone()
                 g.G = torch.zeros_like(g.W)
+                self._link([g])
             self.groups.append(g)
         self._index = {n: i for i, n in enumerate(self.names)}
         R = self.offsets[-1]
@@ -217,9 +218,7 @@ class SVDAdapter:
         self._hack_enabled = with_hack_knob
         self._disabled = False
         self._hooks = []
-        if mode == "merged":
-            self._link()
-        else:
+        if mode == "factored":
             for g in self.groups:
                 for j, lin in enumerate(g.linears):
                     a = self.offsets[g.idx[j]]
@@ -293,9 +292,9 @@ class SVDAdapter:
         return hook
 
     # ------------------------------------------------------------------ merged
-    def _link(self):
+    def _link(self, groups=None):
         """Point every adapted Linear's weight at its slice of W (and its .grad at G)."""
-        for g in self.groups:
+        for g in self.groups if groups is None else groups:
             for j, lin in enumerate(g.linears):
                 lin.weight.data = g.W[j]
                 lin.weight.requires_grad_(True)
