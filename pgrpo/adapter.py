@@ -130,11 +130,15 @@ def select_linears(model: nn.Module, targets=DEFAULT_TARGETS, layers=None) -> li
     if isinstance(targets, str):
         targets = (targets,)
     keep_layer = _layer_filter(layers)
-    out = []
-    for name, mod in model.named_modules():
-        if isinstance(mod, nn.Linear) and any(_matches(name, t) for t in targets) \
-                and keep_layer(_layer_index(name)):
-            out.append((name, mod))
+    matched = [(n, m) for n, m in model.named_modules()
+               if isinstance(m, nn.Linear) and any(_matches(n, t) for t in targets)]
+    out = [(n, m) for n, m in matched if keep_layer(_layer_index(n))]
+    if layers is not None and not isinstance(layers, tuple):
+        present = sorted({i for i in map(_layer_index, (n for n, _ in matched)) if i is not None})
+        absent = sorted({int(i) for i in layers} - set(present))
+        if absent:
+            have = f"layers {present[0]}..{present[-1]}" if present else "no numbered layers"
+            raise UserError(f"Adapter layers {absent} do not exist in this model (it has {have}).")
     if not out:
         raise UserError(f"No Linear module matches targets={list(targets)} and layers={layers!r}.")
     return out
@@ -356,7 +360,8 @@ class SVDAdapter:
                         lin.weight.grad = g.G[j]
 
     def collect_grad(self) -> torch.Tensor:
-        """d loss / d delta as a flat fp32 [R] tensor, after backward; also assigned to delta.grad.
+        """d loss / d delta as a flat fp32 [R] tensor, after backward. The returned tensor IS delta.grad,
+        so in-place edits (projection, clipping) are what the optimizer sees.
 
         Merged: one ``ops.basis_change`` per shape group on the accumulated G_W stacks. Factored:
         autograd's delta.grad. With the hack knob enabled the same gradient is the gradient of

@@ -166,6 +166,8 @@ def test_target_and_layer_selection():
     assert not m.get_submodule("model.layers.1.mlp.up_proj").weight.requires_grad
     with pytest.raises(UserError, match="No Linear"):
         SVDAdapter(build_tiny_model(), targets=("nope",))
+    with pytest.raises(UserError, match=r"layers \[5\] do not exist .*layers 0\.\.1"):
+        SVDAdapter(build_tiny_model(), layers=[1, 5])
     with pytest.raises(UserError, match="mode"):
         SVDAdapter(build_tiny_model(), mode="lora")
 
