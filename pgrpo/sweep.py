@@ -21,7 +21,10 @@ Sweep YAML (all keys; see jobs/sweep-full.yaml):
     extract:                    # omit (or null) when no arm needs v_hack
       config: jobs/full-projected.yaml
       out: vhack.safetensors    # relative to <out> unless absolute
-      set: []
+      set: []                   # --set overrides for `pgrpo extract`
+      args: []                  # extra `pgrpo extract` flags, e.g. ["--pairs", "pairs.json", "--k", "2"]
+      per_seed: false           # true: one v_hack per seed (extracted with --set seed=S), for base models
+                                # that depend on the seed (the embedded tiny model)
     arms:
       vanilla:   {config: jobs/full-vanilla.yaml, set: [], vhack: true}
       projected: {config: jobs/full-projected.yaml, set: [], vhack: true}
@@ -48,7 +51,7 @@ STATE_FILE = "sweep-state.json"
 DONE_FILE = "SWEEP_DONE"        # written into a run dir once its training (and after_run) succeeded
 SWEEP_KEYS = {"name", "out", "seeds", "set", "gpus", "extract", "arms", "after_run"}
 ARM_KEYS = {"config", "set", "vhack"}
-EXTRACT_KEYS = {"config", "out", "set"}
+EXTRACT_KEYS = {"config", "out", "set", "args", "per_seed"}
 
 
 # ----------------------------------------------------------------------------------------- config
@@ -117,13 +120,42 @@ def load_sweep(path):
         if not os.path.isfile(ex["config"]):
             raise UserError(f"sweep key extract.config points at {ex['config']}, which does not exist")
         eout = ex.get("out") or "vhack.safetensors"
+        per_seed = ex.get("per_seed", False)
+        if not isinstance(per_seed, bool):
+            raise UserError("sweep key extract.per_seed must be true or false")
+        if per_seed and "{seed}" not in eout:
+            stem, ext = os.path.splitext(eout)
+            eout = f"{stem}-s{{seed}}{ext}"
         ex = {"config": ex["config"], "set": _strlist(ex.get("set"), "extract.set"),
+              "args": _strlist(ex.get("args"), "extract.args"), "per_seed": per_seed,
               "out": eout if os.path.isabs(eout) else os.path.join(out, eout)}
     if any(a["vhack"] for a in norm_arms.values()) and ex is None:
         raise UserError("an arm has vhack: true but the sweep has no extract section to make v_hack")
     return {"path": path, "name": str(name), "out": out, "seeds": seeds, "gpus": [str(g) for g in gpus],
             "set": _strlist(d.get("set"), "set"), "arms": norm_arms, "extract": ex,
             "after_run": _strlist(d.get("after_run"), "after_run")}
+
+
+def vhack_path(sw, seed):
+    """Where v_hack for `seed` lives: one file, or one per seed when the base model depends on the seed
+    (the embedded tiny model is initialised from the run seed, so its SVD bases differ per seed)."""
+    return sw["extract"]["out"].replace("{seed}", str(seed))
+
+
+def extract_jobs(sw):
+    """[(seed or None, out path, argv)] for the extraction(s) the sweep needs."""
+    ex = sw["extract"]
+    if ex is None:
+        return []
+    seeds = sw["seeds"] if ex["per_seed"] else [None]
+    jobs = []
+    for seed in seeds:
+        out = vhack_path(sw, seed if seed is not None else sw["seeds"][0])
+        argv = [sys.executable, "-m", "pgrpo", "extract", "--config", ex["config"], "--out", out] + ex["args"]
+        for s in ex["set"] + ([f"seed={seed}"] if seed is not None else []):
+            argv += ["--set", s]
+        jobs.append((seed, out, argv))
+    return jobs
 
 
 def plan(sw):
@@ -134,7 +166,7 @@ def plan(sw):
             name = f"{arm}-s{seed}"
             sets = list(sw["set"]) + list(a["set"]) + [f"seed={seed}"]
             if a["vhack"]:
-                sets.append(f"arm.vhack_path={sw['extract']['out']}")
+                sets.append(f"arm.vhack_path={vhack_path(sw, seed)}")
             runs.append({"name": name, "arm": arm, "seed": seed, "dir": os.path.join(sw["out"], name),
                          "config": a["config"], "set": sets})
     return runs
@@ -194,20 +226,20 @@ class State:
     def __init__(self, sw):
         self.path = os.path.join(sw["out"], STATE_FILE)
         self.lock = threading.Lock()
-        self.d = {"sweep": sw["name"], "config": sw["path"], "runs": {}, "extract": None}
+        self.d = {"sweep": sw["name"], "config": sw["path"], "runs": {}, "extract": {}}
         if os.path.isfile(self.path):
             try:
                 with open(self.path, encoding="utf-8") as f:
                     old = json.load(f)
                 if isinstance(old, dict):
-                    self.d.update({k: old[k] for k in ("runs", "extract") if k in old})
+                    self.d.update({k: old[k] for k in ("runs", "extract") if isinstance(old.get(k), dict)})
             except (json.JSONDecodeError, OSError):
                 pass  # a state file is a cache of what the run dirs say; rebuild it
 
     def set(self, key, **fields):
         with self.lock:
-            if key == "extract":
-                self.d["extract"] = {**(self.d.get("extract") or {}), **fields}
+            if key.startswith("extract"):
+                self.d["extract"][key] = {**self.d["extract"].get(key, {}), **fields}
             else:
                 self.d["runs"][key] = {**self.d["runs"].get(key, {}), **fields}
             self.d["updated"] = time.time()
@@ -218,7 +250,7 @@ class State:
             os.replace(tmp, self.path)
 
     def get(self, key):
-        return (self.d.get("extract") if key == "extract" else self.d["runs"].get(key)) or {}
+        return (self.d["extract"] if key.startswith("extract") else self.d["runs"]).get(key) or {}
 
 
 # ----------------------------------------------------------------------------------------- running
@@ -285,33 +317,35 @@ def after_argv(sw, run):
             .replace("{arm}", run["arm"]) for a in sw["after_run"]]
 
 
-def extract(sw, state, dry_run=False, log=print):
-    """Make v_hack once; returns True when the file exists afterwards."""
-    ex = sw["extract"]
-    if ex is None:
-        return True
-    if os.path.isfile(ex["out"]):
-        log(f"extract: {ex['out']} exists, skipped")
-        if state.get("extract").get("status") != "done":
-            state.set("extract", status="done", out=ex["out"])
-        return True
-    argv = [sys.executable, "-m", "pgrpo", "extract", "--config", ex["config"], "--out", ex["out"]]
-    for s in ex["set"]:
-        argv += ["--set", s]
-    if dry_run:
-        log("would run: " + " ".join(argv))
-        return False
-    log(f"extract: {' '.join(argv[2:])}")
-    os.makedirs(os.path.dirname(ex["out"]) or ".", exist_ok=True)
-    logp = os.path.join(sw["out"], "extract.log")
-    t0 = time.time()
-    state.set("extract", status="running", started=t0, log=logp, out=ex["out"])
-    rc = _spawn(argv, logp)
-    ok = rc == 0 and os.path.isfile(ex["out"])
-    state.set("extract", status="done" if ok else "failed", rc=rc, ended=time.time(),
-              error=None if ok else _tail(logp))
-    log(f"extract: {'done' if ok else f'FAILED (rc={rc}): ' + _tail(logp)} in {time.time() - t0:.0f}s")
-    return ok
+def extract(sw, state, seeds=None, dry_run=False, log=print):
+    """Make v_hack once (or once per seed in `seeds`); returns the set of seeds (None = all) it is ready for."""
+    ready = set()
+    for seed, out, argv in extract_jobs(sw):
+        if seeds is not None and seed is not None and seed not in seeds:
+            continue
+        key = "extract" if seed is None else f"extract-s{seed}"
+        if os.path.isfile(out):
+            log(f"{key}: {out} exists, skipped")
+            if state is not None and state.get(key).get("status") != "done":
+                state.set(key, status="done", out=out)
+            ready.add(seed)
+            continue
+        if dry_run:
+            log("would run: " + " ".join(argv))
+            continue
+        log(f"{key}: {' '.join(argv[2:])}")
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        logp = os.path.join(sw["out"], f"{key}.log")
+        t0 = time.time()
+        state.set(key, status="running", started=t0, log=logp, out=out)
+        rc = _spawn(argv, logp, on_start=lambda p: state.set(key, pid=p.pid))
+        ok = rc == 0 and os.path.isfile(out)
+        state.set(key, status="done" if ok else "failed", rc=rc, ended=time.time(),
+                  error=None if ok else _tail(logp))
+        log(f"{key}: {'done' if ok else f'FAILED (rc={rc}): ' + _tail(logp)} in {time.time() - t0:.0f}s")
+        if ok:
+            ready.add(seed)
+    return ready
 
 
 def run_one(sw, run, state, gpu=None, log=print):
@@ -379,15 +413,14 @@ def run_sweep(sw, dry_run=False, log=print):
     if not todo:
         log("sweep: nothing left to run")
         return 0
-    have_vhack = True
-    if any(sw["arms"][r["arm"]]["vhack"] for r in todo):
-        have_vhack = extract(sw, state, log=log)
+    need = {r["seed"] for r in todo if sw["arms"][r["arm"]]["vhack"]}
+    have = extract(sw, state, seeds=need, log=log) if need else set()
     failed = []
     ready = []
     for run in todo:
-        if sw["arms"][run["arm"]]["vhack"] and not have_vhack:
+        if sw["arms"][run["arm"]]["vhack"] and None not in have and run["seed"] not in have:
             state.set(run["name"], status="failed", arm=run["arm"], seed=run["seed"], dir=run["dir"], rc=None,
-                      error="v_hack extraction failed (see extract.log)")
+                      error="v_hack extraction failed (see the sweep's extract log)")
             failed.append(run["name"])
         else:
             ready.append(run)
@@ -469,16 +502,19 @@ def status_rows(sw):
         rows.append({"name": run["name"], "arm": run["arm"], "seed": run["seed"], "status": status,
                      "steps": len(logged), "planned": steps, "checkpoint": has_checkpoint(run["dir"]),
                      "attempts": rec.get("attempts", 0), "note": note, "dir": run["dir"]})
-    return rows, state.get("extract")
+    return rows, state.d["extract"]
 
 
 def format_status(sw):
     rows, ex = status_rows(sw)
     lines = [f"sweep {sw['name']} ({sw['path']}) -> {sw['out']}"]
-    if sw["extract"]:
-        have = os.path.isfile(sw["extract"]["out"])
-        st = "done" if have else (ex.get("status") or "pending")
-        lines.append(f"extract: {st}  {sw['extract']['out']}" + (f"  ({ex.get('error')})" if st == "failed" else ""))
+    for seed, out, _ in extract_jobs(sw):
+        key = "extract" if seed is None else f"extract-s{seed}"
+        rec = ex.get(key, {})
+        st = "done" if os.path.isfile(out) else (rec.get("status") or "pending")
+        if st == "running" and not _pid_alive(rec.get("pid")):
+            st = "interrupted"
+        lines.append(f"{key}: {st}  {out}" + (f"  ({rec.get('error')})" if st == "failed" else ""))
     w = max(len(r["name"]) for r in rows)
     lines.append(f"{'run':<{w}}  {'status':<11}  {'steps':>9}  tries  note")
     for r in rows:
