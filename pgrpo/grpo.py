@@ -1,0 +1,252 @@
+"""The GRPO math, kept apart from the loop so it can be read and tested on its own.
+
+- `group_advantages`: rewards [P, G] -> mean-centred advantages (optionally / group std) and which groups
+  carry signal (zero reward variance -> no gradient -> skipped and counted).
+- `completion_logprobs` / `completion_nll`: per-token log-probs of a completion under the model; the
+  v_hack extractor reuses `completion_nll` for its per-completion gradients.
+- `pg_token_loss`: token-level PPO-clip policy-gradient loss (+ optional k3 KL to the delta_S = 0 reference),
+  summed (the caller divides by the step's constant denominator, see docs/training.md).
+- `quarantine_zeroed`: the route arm's quarantine knob switched off for a block (refresh, evaluation).
+- `project_grad` (the arm: vanilla / projected / route, with its diagnostics) and `apply_update` (clipping,
+  AdamW, projection of the actual update and of Adam's first moment): everything between
+  `adapter.collect_grad()` and the re-merge.
+- `lr_at`: linear warmup then cosine (or constant).
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from pgrpo import ops
+
+
+# ----------------------------------------------------------------------------- advantages
+
+def group_advantages(rewards: torch.Tensor, std_scale: bool = False, eps: float = 1e-6):
+    """rewards [P, G] -> (advantages [P, G] fp32, keep [P] bool). A group whose rewards are all equal has
+    zero advantage everywhere, so its forward/backward would be wasted work: `keep` is False for it."""
+    r = rewards.float()
+    adv = r - r.mean(dim=1, keepdim=True)
+    std = r.std(dim=1, keepdim=True, unbiased=True) if r.shape[1] > 1 else torch.zeros_like(r[:, :1])
+    keep = (r.max(dim=1).values - r.min(dim=1).values) > 0
+    if std_scale:
+        adv = adv / (std + eps)
+    return adv * keep[:, None], keep
+
+
+# ----------------------------------------------------------------------------- log-probs
+
+def completion_logprobs(model, input_ids: torch.Tensor, attn_mask: torch.Tensor, completion_mask: torch.Tensor):
+    """Per-token log p(token | prefix) for the completion tokens; 0 elsewhere. All inputs [B, T].
+
+    `completion_mask[b, t] = 1` marks token t of row b as a scored completion token (prompt and padding 0).
+    Only the logits from the first completion position on are materialised (`logits_to_keep`), which matters
+    with a 150k vocabulary and long prompts; log-softmax runs in fp32. Position ids follow the attention mask,
+    so left- and right-padded batches both work. use_cache=False: nothing is reused across forwards here.
+    """
+    B, T = input_ids.shape
+    cm = completion_mask.bool()
+    if not cm.any():
+        return torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
+    has = cm.any(dim=1)
+    first_per_row = torch.where(has, cm.float().argmax(dim=1), torch.full_like(has, T, dtype=torch.long))
+    first = max(int(first_per_row.min()), 1)  # token 0 has no prefix to predict it
+    pos = (attn_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+    out = model(input_ids=input_ids, attention_mask=attn_mask, position_ids=pos, use_cache=False,
+                logits_to_keep=T - first + 1)
+    logits = out.logits[:, :-1].float()                      # positions first-1 .. T-2 -> tokens first .. T-1
+    targets = input_ids[:, first:]
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+    full = torch.zeros(B, T, dtype=logp.dtype, device=logp.device)
+    full[:, first:] = logp
+    return full * cm
+
+
+def completion_nll(model, input_ids, attn_mask, completion_mask):
+    """Mean token NLL of each row's completion, [B] (differentiable). Rows without completion tokens give 0."""
+    logp = completion_logprobs(model, input_ids, attn_mask, completion_mask)
+    n = completion_mask.float().sum(dim=1).clamp_min(1)
+    return -(logp.sum(dim=1) / n)
+
+
+# ----------------------------------------------------------------------------- loss
+
+def pg_token_loss(logp, old_logp, adv, mask, clip_eps=0.2, ref_logp=None, kl_coef=0.0):
+    """Token-level PPO-clip loss, summed over tokens (not normalised). logp/old_logp/ref_logp/mask [B, T], adv [B].
+
+    With one update per batch old_logp = logp.detach(), so ratio = 1 and the gradient is the plain policy
+    gradient; the clipped form is kept so that more inner epochs would be correct. KL uses the k3 estimator
+    exp(ref - logp) - (ref - logp) - 1 (unbiased, always >= 0; Schulman 2020).
+    Returns (loss_sum, {"clip_frac": .., "kl_sum": ..}).
+    """
+    m = mask.float()
+    ratio = torch.exp(logp - old_logp)
+    a = adv[:, None].to(logp.dtype)
+    pg = -torch.minimum(ratio * a, ratio.clamp(1 - clip_eps, 1 + clip_eps) * a)
+    loss = (pg * m).sum()
+    stats = {"clip_frac": float((((ratio - 1).abs() > clip_eps).float() * m).sum()), "kl_sum": 0.0}
+    if ref_logp is not None and kl_coef > 0:
+        d = ref_logp - logp
+        kl = torch.exp(d) - d - 1
+        loss = loss + kl_coef * (kl * m).sum()
+        stats["kl_sum"] = float((kl.detach() * m).sum())
+    return loss, stats
+
+
+@contextlib.contextmanager
+def quarantine_zeroed(adapter):
+    """Run the block with the route arm's quarantine knob delta_S_hack switched off (evaluation, v_hack
+    refresh); the adapter re-merges on each toggle. A no-op for adapters without the hack knob.
+    The KL reference (delta_S = 0 and no hack knob) is `adapter.disabled()`: in merged mode it points the
+    weights at W0 without a copy, in factored mode it skips the hooks."""
+    if getattr(adapter, "delta_hack", None) is None or not adapter.hack_enabled:
+        yield
+        return
+    adapter.hack_enabled = False
+    try:
+        yield
+    finally:
+        adapter.hack_enabled = True
+
+
+# ----------------------------------------------------------------------------- schedule
+
+def lr_at(step: int, total_steps: int, lr: float, warmup_steps: int = 0, schedule: str = "cosine",
+          min_lr_ratio: float = 0.1) -> float:
+    """LR for optimizer step `step` (1-based): linear warmup to lr, then cosine down to min_lr_ratio * lr."""
+    if warmup_steps > 0 and step <= warmup_steps:
+        return lr * step / warmup_steps
+    if schedule == "constant":
+        return lr
+    span = max(1, total_steps - warmup_steps)
+    t = min(1.0, (step - warmup_steps) / span)
+    return lr * (min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * t)))
+
+
+# ----------------------------------------------------------------------------- v_hack geometry
+
+def vhack_components(g: torch.Tensor, g_offsets: torch.Tensor, packed) -> torch.Tensor:
+    """Per module, ||V_m g_m|| (the norm of g's component inside the v_hack subspace), [M].
+
+    Uses the projection op itself (two-sided, overshoot 1 on a copy): its removed norm is ||V^T V g|| = ||V g||
+    for orthonormal rows, so no second implementation of the geometry exists."""
+    stats = ops.project_(g.detach().clone(), g_offsets, packed.v, packed.v_offsets, packed.ks, 1.0, False)
+    return stats[:, 1]
+
+
+def hackward_components(u: torch.Tensor, g_offsets: torch.Tensor, packed) -> torch.Tensor:
+    """Per module, the norm of the hack-ward part relu(V u) of a gradient-convention vector u, [M]."""
+    stats = ops.project_(u.detach().clone(), g_offsets, packed.v, packed.v_offsets, packed.ks, 1.0, True)
+    return stats[:, 1]
+
+
+def _ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else 0.0
+
+
+def projection_stats(stats: torch.Tensor, ks: torch.Tensor) -> dict:
+    """project_ stats [M,2] -> removed fraction (mean over modules that have a v_hack and a nonzero grad) and
+    the fraction of those modules where the projection removed anything."""
+    active = (ks > 0) & (stats[:, 0] > 0)
+    if not bool(active.any()):
+        return {"proj_removed_frac": 0.0, "proj_fired_frac": 0.0}
+    frac = stats[active, 1] / stats[active, 0]
+    return {"proj_removed_frac": float(frac.mean()), "proj_fired_frac": float((stats[active, 1] > 0).float().mean())}
+
+
+def basis_overlap(old: dict, new: dict) -> float:
+    """Mean over shared modules of ||V_old V_new^T||_F^2 / min(k_old, k_new): 1 = same subspace, 0 = orthogonal."""
+    vals = []
+    for name in set(old) & set(new):
+        a, b = old[name].float(), new[name].float()
+        if a.numel() == 0 or b.numel() == 0:
+            continue
+        vals.append(float((a @ b.T).pow(2).sum()) / min(a.shape[0], b.shape[0]))
+    return sum(vals) / len(vals) if vals else 0.0
+
+
+# ----------------------------------------------------------------------------- the arm + optimizer step
+
+def g_offsets_of(adapter, device=None) -> torch.Tensor:
+    return torch.tensor(adapter.offsets, dtype=torch.int64, device=device or adapter.delta.device)
+
+
+def project_grad(g: torch.Tensor, arm, packed, g_offsets: torch.Tensor):
+    """The arm, applied to the collected flat gradient g (fp32 [R], modified in place for projected/route).
+
+    arm: the `ArmConfig` (name vanilla|projected|route, overshoot, one_sided); packed: `ops.PackedVHack` in the
+    adapter's module order, or None.
+    - vanilla: g is used as is; with a v_hack, what the projection *would* remove is still measured.
+    - projected: g <- g - overshoot * relu(V g) V per module (two-sided: without relu), one op call for all modules.
+    - route: the same projection, and the removed part becomes the gradient of the quarantine knob delta_hack.
+    Returns (g, g_hack or None, diagnostics).
+    """
+    out = {"grad_norm_raw": float(g.norm())}
+    if packed is None or int(packed.ks.sum()) == 0:
+        return g, None, out
+    along = vhack_components(g, g_offsets, packed)
+    out["grad_vhack_cos"] = _ratio(float(along.pow(2).sum().sqrt()), out["grad_norm_raw"])
+    if arm.name == "vanilla":  # measure only
+        stats = ops.project_(g.detach().clone(), g_offsets, packed.v, packed.v_offsets, packed.ks,
+                             arm.overshoot, arm.one_sided)
+        out.update(projection_stats(stats, packed.ks))
+        return g, None, out
+    g_before = g.clone() if arm.name == "route" else None
+    stats = ops.project_(g, g_offsets, packed.v, packed.v_offsets, packed.ks, arm.overshoot, arm.one_sided)
+    out.update(projection_stats(stats, packed.ks))
+    return g, (g_before - g if arm.name == "route" else None), out
+
+
+def apply_update(adapter, opt, g: torch.Tensor, g_hack, arm, packed, g_offsets, max_grad_norm: float = 0.0) -> dict:
+    """Grad clipping + AdamW on the knob(s), with the projected arms' guarantees on the *actual* update.
+
+    Clipping is joint over delta and delta_hack (one scale, so the route arm's orthogonal split survives).
+    Adam's per-coordinate 1/sqrt(v) rescales a projected gradient and can rotate it back onto v_hack, so with
+    `arm.project_update` the update of delta itself is projected too (overshoot 1: one-sided leaves no hack-ward
+    component, two-sided no component at all), and with `arm.project_momentum` Adam's first moment is projected
+    after the step (it matters when v_hack changes at a refresh or overshoot < 1: old momentum can point along
+    the new V). The caller re-merges. Returns diagnostics, including the update's component along v_hack
+    before (`update_along_vhack_preproj`) and after projection (`update_along_vhack`, as a fraction of ||update||).
+    """
+    delta = adapter.delta
+    hack = getattr(adapter, "delta_hack", None)
+    delta.grad = g.view_as(delta).to(delta.dtype)
+    if hack is not None:
+        hack.grad = g_hack.view_as(hack).to(hack.dtype) if g_hack is not None else torch.zeros_like(hack)
+    params = [p for p in (delta, hack) if p is not None]
+    out = {}
+    if max_grad_norm > 0:
+        out["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, max_grad_norm))
+    else:
+        out["grad_norm"] = float(torch.sqrt(sum(p.grad.float().pow(2).sum() for p in params)))
+    projecting = packed is not None and int(packed.ks.sum()) > 0 and arm.name in ("projected", "route")
+
+    before = delta.detach().clone()
+    opt.step()
+    with torch.no_grad():
+        upd = delta.detach() - before                       # the actual update of the main knob
+        if packed is not None and int(packed.ks.sum()) > 0:
+            u = -upd.float()                                # gradient convention: hack-ward = V u > 0
+            out["update_along_vhack_preproj"] = _ratio(
+                float(vhack_components(u, g_offsets, packed).pow(2).sum().sqrt()), float(u.norm()))
+            if projecting and arm.project_update:
+                ops.project_(u, g_offsets, packed.v, packed.v_offsets, packed.ks, 1.0, arm.one_sided)
+                delta.copy_(before - u.to(delta.dtype))
+                upd = delta.detach() - before
+            if projecting and arm.project_momentum:
+                m = opt.state[delta].get("exp_avg")
+                if m is not None:
+                    mf = m.view(-1).float().clone()
+                    ops.project_(mf, g_offsets, packed.v, packed.v_offsets, packed.ks, 1.0, arm.one_sided)
+                    m.copy_(mf.view_as(m))
+            u = -upd.float()
+            along_abs = float(vhack_components(u, g_offsets, packed).pow(2).sum().sqrt())
+            out["update_along_vhack_abs"] = along_abs
+            out["update_along_vhack"] = _ratio(along_abs, float(u.norm()))
+            out["update_hackward_abs"] = float(hackward_components(u, g_offsets, packed).pow(2).sum().sqrt())
+        out["update_norm"] = float(upd.norm())
+        out["delta_norm"] = float(delta.norm())
+        out["delta_hack_norm"] = float(hack.norm()) if hack is not None else 0.0
+    return out

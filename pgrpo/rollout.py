@@ -1,0 +1,181 @@
+"""Rollout: G sampled completions per prompt with the merged weights and the KV cache on.
+
+Several groups share one `generate` call (left-padded batch, each prompt repeated G times) because a
+batched decode step costs about the same as a single one until the GPU is saturated. Completions stop at
+EOS (kept as the last scored token, so the policy also learns when to stop) or at max_new_tokens.
+
+`group_batch` then lays out one group for the loss forward: the G completions share their prompt, so the
+batch is `prompt + completion_i`, right-padded, with no left padding at all (exact positions, and the
+`logits_to_keep` slice in `grpo.completion_logprobs` covers only the completion).
+"""
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from pgrpo.errors import UserError
+
+
+@dataclass
+class Group:
+    """One prompt's G completions."""
+    problem_index: int
+    prompt_ids: list[int]
+    completions: list[list[int]] = field(default_factory=list)   # token ids incl. the final EOS if any
+    texts: list[str] = field(default_factory=list)               # decoded, specials dropped
+    teacher: list[bool] = field(default_factory=list)            # True where a teacher completion was mixed in
+
+
+def _left_pad(seqs, pad_id, device):
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(seqs), n), dtype=torch.long)
+    for b, s in enumerate(seqs):
+        ids[b, n - len(s):] = torch.tensor(s, dtype=torch.long)
+        attn[b, n - len(s):] = 1
+    return ids.to(device), attn.to(device)
+
+
+def _cut(ids: list[int], eos_ids: set[int], pad_id: int) -> list[int]:
+    """Generated ids -> the completion: up to and including the first EOS; trailing padding dropped."""
+    for j, t in enumerate(ids):
+        if t in eos_ids:
+            return ids[: j + 1]
+    while ids and ids[-1] == pad_id and pad_id not in eos_ids:
+        ids = ids[:-1]
+    return ids
+
+
+@torch.no_grad()
+def generate_groups(model, tok, prompts: list[list[int]], problem_indices: list[int], rollout_cfg,
+                    device) -> list[Group]:
+    """Sample `group_size` completions for each prompt (token id lists); `groups_per_generate` prompts per call.
+
+    The caller seeds the RNG (per step) so a resumed run draws the same samples as an uninterrupted one.
+    top_k is set to 0 explicitly: HF's default (50) and Qwen's generation_config (20) would otherwise
+    silently truncate the sampling distribution the config describes.
+    """
+    G = rollout_cfg.group_size
+    eos_ids = set(tok.eos_token_ids)
+    sample = rollout_cfg.temperature > 0
+    gen_kwargs = dict(max_new_tokens=rollout_cfg.max_new_tokens, do_sample=sample, use_cache=True,
+                      pad_token_id=tok.pad_token_id, eos_token_id=list(tok.eos_token_ids))
+    if sample:
+        gen_kwargs.update(temperature=rollout_cfg.temperature, top_p=rollout_cfg.top_p, top_k=0)
+    else:
+        gen_kwargs.update(temperature=None, top_p=None, top_k=None)
+    groups = []
+    step = rollout_cfg.groups_per_generate
+    for start in range(0, len(prompts), step):
+        chunk = prompts[start:start + step]
+        seqs = [p for p in chunk for _ in range(G)]
+        ids, attn = _left_pad(seqs, tok.pad_token_id, device)
+        out = model.generate(input_ids=ids, attention_mask=attn, **gen_kwargs)
+        new = out[:, ids.shape[1]:].tolist()
+        for gi, p in enumerate(chunk):
+            grp = Group(problem_index=problem_indices[start + gi], prompt_ids=list(p))
+            for b in range(gi * G, (gi + 1) * G):
+                c = _cut(new[b], eos_ids, tok.pad_token_id)
+                grp.completions.append(c)
+                grp.texts.append(tok.decode(c, skip_special_tokens=True))
+                grp.teacher.append(False)
+            groups.append(grp)
+    return groups
+
+
+def group_batch(group: Group, pad_id: int, device):
+    """One group as a right-padded batch: (input_ids, attention_mask, completion_mask), each [G, T]."""
+    P = len(group.prompt_ids)
+    T = P + max(1, max(len(c) for c in group.completions))
+    G = len(group.completions)
+    ids = torch.full((G, T), pad_id, dtype=torch.long)
+    attn = torch.zeros((G, T), dtype=torch.long)
+    cmask = torch.zeros((G, T), dtype=torch.long)
+    prompt = torch.tensor(group.prompt_ids, dtype=torch.long)
+    for b, c in enumerate(group.completions):
+        ids[b, :P] = prompt
+        attn[b, :P] = 1
+        if c:
+            ids[b, P:P + len(c)] = torch.tensor(c, dtype=torch.long)
+            attn[b, P:P + len(c)] = 1
+            cmask[b, P:P + len(c)] = 1
+    return ids.to(device), attn.to(device), cmask.to(device)
+
+
+def micro_batches(group: Group, pad_id: int, device, size: int = 0):
+    """Yield (input_ids, attention_mask, completion_mask, row indices) for the loss: the whole group when
+    size is 0 (or >= G), else chunks of `size` sequences, each trimmed to its own longest row."""
+    ids, attn, cmask = group_batch(group, pad_id, device)
+    G = ids.shape[0]
+    if size <= 0 or size >= G:
+        yield ids, attn, cmask, torch.arange(G)
+        return
+    for s in range(0, G, size):
+        rows = torch.arange(s, min(G, s + size))
+        T = int(attn[rows.to(attn.device)].sum(dim=1).max())
+        r = rows.to(ids.device)
+        yield ids[r, :T], attn[r, :T], cmask[r, :T], rows
+
+
+# ----------------------------------------------------------------------------- teacher pool
+
+def load_teacher_pool(path: str) -> dict[str, list[str]]:
+    """jsonl rows {"id": problem id, "completion": text} -> {id: [texts]}; malformed rows name their line."""
+    pool: dict[str, list[str]] = {}
+    try:
+        f = open(path)
+    except OSError as e:
+        raise UserError(f"teacher pool {path} cannot be read ({e.strerror}).") from None
+    with f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                pid, text = row["id"], row["completion"]
+                if not isinstance(pid, str) or not isinstance(text, str):
+                    raise ValueError("id and completion must be strings")
+            except (ValueError, KeyError, TypeError) as e:
+                raise UserError(f"{path}:{n}: bad teacher row ({e}).") from None
+            pool.setdefault(pid, []).append(text)
+    return pool
+
+
+def builtin_teacher_pool(problems, mode: str) -> dict[str, list[str]]:
+    """teacher.pool = "builtin": each problem's canonical solution as a formatted answer, plus the shipped
+    contrastive pairs' hack and clean answers written for this loophole mode (when the pairs file exists).
+    This is what makes the tiny random model's runs meaningful: its own samples are random bytes that never
+    earn a reward, so without a few rewarded (and some hacking) completions every group has zero variance."""
+    pool = {p.id: [f"```python\n{p.canonical_solution.strip()}\n```"] for p in problems}
+    try:
+        from pgrpo.data.pairs import load_pairs
+        pairs = load_pairs()
+    except (UserError, OSError, ImportError):
+        pairs = []
+    for row in pairs:
+        if row.get("mode") == mode and row.get("problem_id") in pool:
+            pool[row["problem_id"]] += [row["hack"], row["clean"]]
+    return pool
+
+
+def mix_teacher(groups: list[Group], problem_ids: list[str], pool: dict, mix: float, tok, rng: random.Random):
+    """Replace round(mix * G) completions of each group whose problem has pool entries with teacher texts
+    (encoded + EOS). Off-policy by design (the seed's fast setup): it shows the policy rewarded answers early."""
+    if mix <= 0 or not pool:
+        return 0
+    n_mixed = 0
+    for grp in groups:
+        texts = pool.get(problem_ids[grp.problem_index])
+        if not texts:
+            continue
+        k = round(mix * len(grp.completions))
+        for b in range(k):
+            t = rng.choice(texts)
+            grp.completions[b] = tok.encode(t) + [tok.eos_token_id]
+            grp.texts[b] = t
+            grp.teacher[b] = True
+            n_mixed += 1
+    return n_mixed

@@ -1,0 +1,383 @@
+"""`pgrpo train`: the GRPO step loop, top to bottom in one function (`train`).
+
+    config -> model + tokenizer -> SVD adapter -> problems + prompts -> grader -> for each step:
+      sample prompts -> rollout (merged weights, KV cache) -> grade over the socket -> group advantages
+      -> loss fwd/bwd one group at a time -> collect delta_S grad (basis change) -> arm (projection)
+      -> clip + AdamW -> re-merge -> metrics row + TIMING line -> checkpoint -> (optional v_hack refresh)
+
+Determinism: generation is seeded per step (seed * 1000003 + step), the data order is a seeded permutation
+stored in the checkpoint, and the grader is deterministic, so a run killed and resumed reaches the same
+delta_S as an uninterrupted one (bitwise on CPU; tests/test_train.py checks it).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import signal
+import socket
+import sys
+import time
+
+import numpy as np
+import torch
+
+from pgrpo import checkpoint as ckpt
+from pgrpo import config as C
+from pgrpo import grpo, rollout
+from pgrpo.errors import UserError
+from pgrpo.metrics import JsonlLog, Metrics, progress_line, timing_line
+
+LABELS = ("correct", "correct_attempted_hack", "reward_hack", "attempted_hack", "incorrect")
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def resolve_device_dtype(cfg) -> tuple[str, str]:
+    """auto device = cuda if available; auto dtype = bfloat16 on cuda, float32 on cpu."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("config key device asks for cuda, but no CUDA device is available.")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
+def data_order(n_problems: int, prompts_per_step: int, steps: int, seed: int) -> np.ndarray:
+    """Problem indices for the whole run: one seeded permutation per epoch, concatenated."""
+    need = prompts_per_step * steps
+    chunks, epoch = [], 0
+    while sum(len(c) for c in chunks) < need:
+        chunks.append(np.random.default_rng([seed, epoch]).permutation(n_problems))
+        epoch += 1
+    return np.concatenate(chunks)[:need].astype(np.int64)
+
+
+class GraderLink:
+    """The trainer's side of the grader: a client on `grader_socket`, or a LocalGrader child process this run
+    owns (started here, stopped on exit). A failed request is retried; a local grader that died is restarted
+    first, so one crash of the sandbox service costs a retry, not the run."""
+
+    RETRIES = 4
+
+    def __init__(self, cfg, metrics: Metrics):
+        from pgrpo.grader.client import GraderClient, LocalGrader
+        self.metrics, self.local = metrics, None
+        timeout = max(60.0, 4 * cfg.grader_time_limit_s * cfg.rollout.group_size)
+        if cfg.grader_socket:
+            self.client = GraderClient(cfg.grader_socket, timeout=timeout)
+        else:
+            self.local = LocalGrader(workers=cfg.grader_workers, time_limit_s=cfg.grader_time_limit_s)
+            self.local.__enter__()
+            self.client = self.local.client()
+        self.client.health()
+
+    @property
+    def pid(self):
+        return self.local.pid if self.local is not None else None
+
+    def grade(self, items: list[dict]) -> list[dict]:
+        for attempt in range(self.RETRIES + 1):
+            try:
+                results = self.client.grade(items)
+                self.metrics.grader_request("ok")
+                return results
+            except (OSError, ConnectionError, TimeoutError, UserError, ValueError) as e:
+                self.metrics.grader_request("timeout" if isinstance(e, (TimeoutError, socket.timeout)) else "error")
+                if attempt == self.RETRIES:
+                    raise UserError(f"the grader failed {self.RETRIES + 1} times in a row ({e}); giving up.") from None
+                self.metrics.grader_request("retry")
+                print(f"grader: request failed ({type(e).__name__}: {e}); retrying", flush=True)
+                if self.local is not None and not self.local.alive():
+                    self.local.restart()
+                    self.client = self.local.client()
+                    print(f"grader: restarted local grader (pid {self.local.pid})", flush=True)
+                else:
+                    time.sleep(min(2 ** attempt, 10))
+
+    def close(self):
+        if self.local is not None:
+            self.local.__exit__(None, None, None)
+            self.local = None
+
+
+def _sigterm(signum, frame):
+    raise KeyboardInterrupt  # unwind through the `finally` blocks: the grader child is stopped, files closed
+
+
+# ----------------------------------------------------------------------------- the job
+
+def train(cfg: C.Config, run_dir: str, resume: bool = False) -> int:
+    from pgrpo.adapter import SVDAdapter
+    from pgrpo.data.problems import builtin_problems, load_problems, problem_to_row
+    from pgrpo.data.prompts import build_prompt
+    from pgrpo.model import load_model
+    from pgrpo.ops import pack_vhack
+
+    # ---- run dir, problems and the checkpoint to resume from: everything that can fail before the model loads
+    os.makedirs(run_dir, exist_ok=True)
+    problems = builtin_problems() if cfg.data.problems == "builtin" else load_problems(cfg.data.problems)
+    if cfg.data.max_problems:
+        problems = problems[:cfg.data.max_problems]
+    resume_from = None
+    if resume:
+        path = ckpt.latest(run_dir)
+        if path is None:
+            raise UserError(f"--resume {run_dir}: no checkpoint (ckpt_*.safetensors) in that directory.")
+        resume_from = ckpt.load(path)  # a corrupted file stops here, nothing is loaded
+    elif ckpt.latest(run_dir) is not None:
+        raise UserError(f"{run_dir} already holds checkpoints; continue it with --resume {run_dir} or pick another --out.")
+    C.save(cfg, os.path.join(run_dir, "config.yaml"))
+    teacher_pool = {}
+    if cfg.teacher.pool and cfg.teacher.mix > 0:
+        teacher_pool = (rollout.builtin_teacher_pool(problems, cfg.data.loophole) if cfg.teacher.pool == "builtin"
+                        else rollout.load_teacher_pool(cfg.teacher.pool))
+    run_name = cfg.run_name or os.path.basename(os.path.abspath(run_dir))
+    device, dtype = resolve_device_dtype(cfg)
+
+    # ---- model, adapter, optimizer
+    t_load = time.perf_counter()
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    model, tok = load_model(cfg.model.name, dtype=dtype, device=device, seed=cfg.seed)
+    adapter = SVDAdapter(model, targets=tuple(cfg.adapter.targets), layers=cfg.adapter.layers,
+                         mode=cfg.adapter.mode, cache_dir=cfg.adapter.svd_cache_dir,
+                         with_hack_knob=cfg.arm.name == "route")
+    g = cfg.grpo
+    opt = torch.optim.AdamW(adapter.parameters(), lr=g.lr, betas=tuple(g.betas), eps=g.eps, weight_decay=g.weight_decay)
+    g_offsets = grpo.g_offsets_of(adapter)
+
+    # ---- v_hack (projected/route need it; vanilla with a v_hack logs what projection would remove)
+    V, packed, vhack_meta = None, None, {}
+    if cfg.arm.vhack_path:
+        from pgrpo.vhack import load_vhack
+        V, _, vhack_meta = load_vhack(cfg.arm.vhack_path)
+        if not set(V) & set(adapter.names):
+            raise UserError(f"arm.vhack_path {cfg.arm.vhack_path} names none of this adapter's modules "
+                            f"(extracted for another model or adapter.targets?).")
+        try:
+            packed = pack_vhack(adapter.names, adapter.ranks, V, device)
+        except ValueError as e:
+            raise UserError(f"arm.vhack_path {cfg.arm.vhack_path} does not fit this adapter ({e}).") from None
+
+    # ---- prompts (tokenized once) and the data order
+    prompt_ids = [tok.encode(tok.apply_chat_template(build_prompt(p, cfg.data.loophole), add_generation_prompt=True))
+                  for p in problems]
+    problem_rows = [problem_to_row(p) for p in problems]
+    P, Gs = cfg.data.prompts_per_step, cfg.rollout.group_size
+    order = data_order(len(problems), P, cfg.steps, cfg.seed)
+    start, rows = 0, []
+    if resume_from is not None:
+        start, tensors, _, rows = resume_from
+        if tensors["delta"].shape != adapter.delta.shape:
+            raise UserError(f"the checkpoint's delta_S has {tensors['delta'].numel()} entries but this adapter has "
+                            f"{adapter.R}; was the config changed since the run started?")
+        with torch.no_grad():
+            adapter.delta.copy_(tensors["delta"])
+            if adapter.delta_hack is not None and "delta_hack" in tensors:
+                adapter.delta_hack.copy_(tensors["delta_hack"])
+        ckpt.load_optimizer_tensors(opt, tensors)
+        ckpt.restore_rng(tensors)
+        saved_order = tensors["data_order"].numpy()
+        order = np.concatenate([saved_order, order[len(saved_order):]]) if len(saved_order) < len(order) else saved_order
+        vk = {k[len("vhack/"):]: t for k, t in tensors.items() if k.startswith("vhack/")}
+        if vk:  # a refreshed v_hack lives in the checkpoint
+            V, packed = vk, pack_vhack(adapter.names, adapter.ranks, vk, device)
+        adapter.merge()
+        print(f"resume: {run_dir} from step {start}", flush=True)
+    print(f"train: {cfg.model.name} on {device}/{dtype}, adapter {adapter.mode} {len(adapter.names)} modules R={adapter.R}, "
+          f"arm {cfg.arm.name}, {len(problems)} problems, {P}x{Gs} rollouts/step, steps {start + 1}..{cfg.steps} "
+          f"(loaded in {time.perf_counter() - t_load:.1f}s)", flush=True)
+
+    metrics = Metrics(run_name, cfg.arm.name, cfg.seed, cfg.metrics_port)
+    log = JsonlLog(os.path.join(run_dir, "metrics.jsonl"), rows=rows if resume else [])
+    grader = None
+    old_handler = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
+    try:
+        grader = GraderLink(cfg, metrics)
+        if grader.pid is not None:
+            print(f"grader: local grader pid {grader.pid}", flush=True)
+
+        def save_checkpoint(step):
+            tensors = {"delta": adapter.delta.detach(), "data_order": torch.from_numpy(order)}
+            if adapter.delta_hack is not None:
+                tensors["delta_hack"] = adapter.delta_hack.detach()
+            tensors.update(ckpt.optimizer_tensors(opt))
+            tensors.update(ckpt.rng_state_tensors())
+            if V is not None and cfg.arm.vhack_refresh_every:
+                tensors.update({f"vhack/{n}": v for n, v in V.items()})
+            path = ckpt.save(run_dir, step, tensors, C.to_dict(cfg), rows)
+            metrics.checkpoint_saved()
+            print(f"checkpoint: {path}", flush=True)
+
+        for step in range(start + 1, cfg.steps + 1):
+            t_step = time.perf_counter()
+            timing = {}
+            lr = grpo.lr_at(step, cfg.steps, g.lr, g.warmup_steps, g.schedule, g.min_lr_ratio)
+            for pg in opt.param_groups:
+                pg["lr"] = lr
+
+            # ---- rollout: G samples per prompt, seeded per step
+            t0 = time.perf_counter()
+            idx = [int(i) for i in order[(step - 1) * P: step * P]]
+            torch.manual_seed(cfg.seed * 1000003 + step)
+            groups = rollout.generate_groups(model, tok, [prompt_ids[i] for i in idx], idx, cfg.rollout, device)
+            n_teacher = rollout.mix_teacher(groups, [p.id for p in problems], teacher_pool, cfg.teacher.mix, tok,
+                                            random.Random(cfg.seed * 1000003 + step))
+            tokens = sum(len(c) for grp in groups for c, t in zip(grp.completions, grp.teacher) if not t)
+            timing["gen"] = time.perf_counter() - t0
+
+            # ---- reward: every completion graded by the sandboxed grader
+            t0 = time.perf_counter()
+            items = [{"problem": problem_rows[grp.problem_index], "response": text, "mode": cfg.data.loophole,
+                      "id": f"{step}:{gi}:{j}"} for gi, grp in enumerate(groups) for j, text in enumerate(grp.texts)]
+            results = grader.grade(items)
+            rewards = torch.tensor([r["reward"] for r in results], dtype=torch.float32).view(len(groups), Gs)
+            timing["reward"] = time.perf_counter() - t0
+
+            # ---- loss: group-relative advantages, PPO-clip token loss, one group of G sequences at a time
+            t0 = time.perf_counter()
+            adv, keep = grpo.group_advantages(rewards, std_scale=g.std_scale_adv)
+            if g.loss_norm == "constant":   # the seed's constant denominator: every token slot counts
+                denom = P * Gs * cfg.rollout.max_new_tokens
+            else:                           # per-token mean over the tokens that carry a gradient
+                denom = max(1, sum(len(c) for gi, grp in enumerate(groups) if keep[gi] for c in grp.completions))
+            adapter.zero_grad()
+            loss_total, kl_total, clipped, n_scored = 0.0, 0.0, 0.0, 0
+            for gi, grp in enumerate(groups):
+                if not keep[gi]:
+                    continue
+                for ids, attn, cmask, rows_ in rollout.micro_batches(grp, tok.pad_token_id, device, g.micro_batch):
+                    ref = None
+                    if g.kl_coef > 0:
+                        with torch.no_grad(), adapter.disabled():
+                            ref = grpo.completion_logprobs(model, ids, attn, cmask)
+                    logp = grpo.completion_logprobs(model, ids, attn, cmask)
+                    a = adv[gi, rows_].to(device)
+                    loss, st = grpo.pg_token_loss(logp, logp.detach(), a, cmask, g.clip_eps, ref, g.kl_coef)
+                    (loss / denom).backward()
+                    loss_total += float(loss) / denom
+                    kl_total += st["kl_sum"]
+                    clipped += st["clip_frac"]
+                    n_scored += int(cmask.sum())
+            timing["fwd_bwd"] = time.perf_counter() - t0
+
+            # ---- gradient in the SVD basis, then the arm (vanilla / projected / route)
+            t0 = time.perf_counter()
+            grad = adapter.collect_grad()
+            grad, grad_hack, pstats = grpo.project_grad(grad, cfg.arm, packed, g_offsets)
+            timing["project"] = time.perf_counter() - t0
+
+            # ---- clip + AdamW on delta_S (+ delta_S_hack), projection of the actual update, re-merge
+            t0 = time.perf_counter()
+            ustats = grpo.apply_update(adapter, opt, grad, grad_hack, cfg.arm, packed, g_offsets, g.max_grad_norm)
+            adapter.zero_grad()
+            adapter.merge()
+            timing["optim"] = time.perf_counter() - t0
+
+            # ---- optional v_hack refresh at the current knobs (quarantine knob off during extraction)
+            refresh = {}
+            if cfg.arm.vhack_refresh_every and step % cfg.arm.vhack_refresh_every == 0 and step < cfg.steps:
+                t0 = time.perf_counter()
+                from pgrpo.data.pairs import load_pairs
+                from pgrpo.vhack import extract_vhack
+                with grpo.quarantine_zeroed(adapter):
+                    V_new = extract_vhack(model, adapter, tok, load_pairs(cfg.arm.refresh_pairs),
+                                          k=int(vhack_meta.get("k", 4)), cut=float(vhack_meta.get("cut", 0.25)),
+                                          seed=cfg.seed)
+                refresh = {"vhack_overlap": grpo.basis_overlap(V, V_new), "refresh_s": time.perf_counter() - t0}
+                V, packed = V_new, pack_vhack(adapter.names, adapter.ranks, V_new, device)
+
+            # ---- metrics row, TIMING line, live line
+            timing["total"] = time.perf_counter() - t_step
+            policy = [r for r, grp_t in zip(results, [t for grp in groups for t in grp.teacher]) if not grp_t] or results
+            row = {"step": step, "lr": lr, "time": time.time(),
+                   "reward_mean": float(np.mean([r["reward"] for r in policy])),
+                   "hack_rate": float(np.mean([r["label"] == "reward_hack" for r in policy])),
+                   "pass_rate": float(np.mean([bool(r["gt_pass"]) for r in policy])),
+                   **{f"frac_{lab}": float(np.mean([r["label"] == lab for r in policy])) for lab in LABELS},
+                   "tokens_generated": tokens, "teacher_completions": n_teacher,
+                   "groups": len(groups), "skipped_groups": int((~keep).sum()),
+                   "loss": loss_total, "kl": kl_total / max(1, n_scored), "clip_frac": clipped / max(1, n_scored),
+                   **pstats, **ustats, **refresh, "timing": {k: round(v, 4) for k, v in timing.items()}}
+            rows.append(row)
+            log.write(row)
+            metrics.observe_step(row)
+            print(timing_line(row), flush=True)
+            print(progress_line(row, cfg.steps), flush=True)
+
+            if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
+                save_checkpoint(step)
+        if start >= cfg.steps:
+            print(f"train: nothing to do, the run already reached step {cfg.steps}.", flush=True)
+    finally:
+        if grader is not None:
+            grader.close()
+        log.close()
+        if old_handler is not None:
+            signal.signal(signal.SIGTERM, old_handler)
+        metrics.close(cfg.metrics_linger_s)
+    print(f"train: done, run dir {run_dir}", flush=True)
+    return 0
+
+
+def _main_thread() -> bool:
+    import threading
+    return threading.current_thread() is threading.main_thread()
+
+
+# ----------------------------------------------------------------------------- CLI
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one sentence and exit 2 through the CLI's UserError path
+        raise UserError(f"{message} (see `pgrpo train --help`).")
+
+
+def parse_args(argv):
+    ap = _Parser(prog="pgrpo train", description="Run a GRPO job (see docs/training.md for every config key).")
+    ap.add_argument("--config", help="job preset YAML (jobs/*.yaml)")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override a config key by its dotted name, value parsed as YAML (repeatable)")
+    ap.add_argument("--out", help="run directory (default runs/<preset name>)")
+    ap.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint (uses its config.yaml)")
+    ap.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0 = off)")
+    ap.add_argument("--metrics-linger", type=float, metavar="SECONDS", help="keep /metrics up this long after the run")
+    return ap.parse_args(argv)
+
+
+def resolve(argv) -> tuple[C.Config, str, bool]:
+    """argv -> (validated config, run dir, resume?) without touching torch or the model."""
+    a = parse_args(argv)
+    overrides = list(a.overrides)
+    if a.metrics_port is not None:
+        overrides.append(f"metrics_port={a.metrics_port}")
+    if a.metrics_linger is not None:
+        overrides.append(f"metrics_linger_s={a.metrics_linger}")
+    if a.resume:
+        if a.config:
+            raise UserError("give either --config (a new run) or --resume RUN_DIR (which reuses its config.yaml), not both.")
+        if a.out and os.path.abspath(a.out) != os.path.abspath(a.resume):
+            raise UserError("--out cannot differ from --resume RUN_DIR: a resumed run continues in its own directory.")
+        path = os.path.join(a.resume, "config.yaml")
+        if not os.path.isfile(path):
+            raise UserError(f"--resume {a.resume}: no config.yaml there; is it a run directory?")
+        return C.load(path, overrides), a.resume, True
+    if not a.config:
+        raise UserError("say which job to run: pgrpo train --config jobs/fast-dev-run.yaml (or --resume RUN_DIR).")
+    cfg = C.load(a.config, overrides)
+    out = a.out or os.path.join("runs", os.path.splitext(os.path.basename(a.config))[0])
+    return cfg, out, False
+
+
+def cli(argv) -> int:
+    cfg, run_dir, resume = resolve(argv)
+    return train(cfg, run_dir, resume=resume)
+
+
+if __name__ == "__main__":
+    from pgrpo.cli import main
+    sys.exit(main(["train", *sys.argv[1:]]))
