@@ -48,9 +48,9 @@ KEYS = {
     "hack": ("hack_rate", "hack_ratio", "labels.reward_hack", "label_frac.reward_hack", "frac.reward_hack"),
     "pass": ("pass_rate", "pass_ratio", "gt_pass_rate", "gt_pass", "labels.gt_pass"),
     "reward": ("reward_mean", "reward"),
-    "removed": ("proj_removed_ratio", "projection_removed_ratio", "projection.removed_ratio", "removed_ratio"),
-    "fired": ("proj_fired_ratio", "projection_fired_ratio", "projection.fired_ratio", "fired_ratio"),
-    "cosine": ("grad_vhack_cosine", "projection.grad_vhack_cosine", "cos_grad_vhack"),
+    "removed": ("proj_removed_frac", "proj_removed_ratio", "projection_removed_ratio", "projection.removed_ratio", "removed_ratio"),
+    "fired": ("proj_fired_frac", "proj_fired_ratio", "projection_fired_ratio", "projection.fired_ratio", "fired_ratio"),
+    "cosine": ("grad_vhack_cos", "grad_vhack_cosine", "projection.grad_vhack_cosine", "cos_grad_vhack"),
     "along": ("update_along_vhack", "projection.update_along_vhack"),
 }
 DIAGNOSTICS = ("removed", "fired", "cosine", "along")

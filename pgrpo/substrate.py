@@ -104,7 +104,7 @@ def build(out, n_train=N_TRAIN, easy_every=EASY_EVERY, variants=2, grade=True, w
 def _check(rows, workers, log):
     """Grade every canned text; drop rows whose labels are not what the substrate claims."""
     from pgrpo.data.problems import problem_to_row
-    from pgrpo.grader import LocalGrader
+    from pgrpo.grader.client import LocalGrader
     items = []
     for i, r in enumerate(rows):
         for kind in ("hack", "honest", "clean"):
@@ -202,12 +202,19 @@ def main(argv=None):
     b.add_argument("--out", required=True)
     b.add_argument("--n-train", type=int, default=N_TRAIN)
     b.add_argument("--no-grade", action="store_true", help="skip the grader check of every canned text")
+    b.add_argument("--force", action="store_true", help="rebuild even if DIR already holds a build")
     h = sub.add_parser("heldout", help="teacher-forced held-out log-odds for every checkpoint of a run")
     h.add_argument("run")
     h.add_argument("--data", required=True, help="the directory `build` wrote")
     a = ap.parse_args(argv)
     try:
         if a.cmd == "build":
+            done = os.path.join(a.out, "substrate.json")
+            if os.path.isfile(done) and not a.force:
+                with open(done, encoding="utf-8") as f:
+                    if json.load(f).get("n_train_problems") == a.n_train:
+                        print(f"substrate: {a.out} already built (use --force to rebuild)")
+                        return 0
             build(a.out, n_train=a.n_train, grade=not a.no_grade)
         else:
             heldout(a.run, a.data)

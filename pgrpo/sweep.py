@@ -28,6 +28,8 @@ Sweep YAML (all keys; see jobs/sweep-full.yaml):
     arms:
       vanilla:   {config: jobs/full-vanilla.yaml, set: [], vhack: true}
       projected: {config: jobs/full-projected.yaml, set: [], vhack: true}
+    prepare: []                 # optional commands (argv lists) run once per invocation before extraction;
+                                # they must be idempotent, e.g. [["{python}", "-m", "pgrpo.substrate", "build", ...]]
     after_run: []               # optional command run after each finished run, e.g.
                                 # ["{python}", "-m", "pgrpo.substrate", "heldout", "{run}"]
 `vhack: true` passes `--set arm.vhack_path=<extracted file>` (vanilla then logs what projection would have
@@ -39,6 +41,7 @@ import argparse
 import glob
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -49,7 +52,7 @@ from pgrpo.errors import UserError
 
 STATE_FILE = "sweep-state.json"
 DONE_FILE = "SWEEP_DONE"        # written into a run dir once its training (and after_run) succeeded
-SWEEP_KEYS = {"name", "out", "seeds", "set", "gpus", "extract", "arms", "after_run"}
+SWEEP_KEYS = {"name", "out", "seeds", "set", "gpus", "prepare", "extract", "arms", "after_run"}
 ARM_KEYS = {"config", "set", "vhack"}
 EXTRACT_KEYS = {"config", "out", "set", "args", "per_seed"}
 
@@ -131,7 +134,14 @@ def load_sweep(path):
               "out": eout if os.path.isabs(eout) else os.path.join(out, eout)}
     if any(a["vhack"] for a in norm_arms.values()) and ex is None:
         raise UserError("an arm has vhack: true but the sweep has no extract section to make v_hack")
+    prepare = d.get("prepare") or []
+    if not isinstance(prepare, list):
+        raise UserError("sweep key prepare must be a list of commands (each a list of strings)")
+    prepare = [_strlist(c, f"prepare[{i}]") for i, c in enumerate(prepare)]
+    if any(not c for c in prepare):
+        raise UserError("sweep key prepare holds an empty command")
     return {"path": path, "name": str(name), "out": out, "seeds": seeds, "gpus": [str(g) for g in gpus],
+            "prepare": prepare,
             "set": _strlist(d.get("set"), "set"), "arms": norm_arms, "extract": ex,
             "after_run": _strlist(d.get("after_run"), "after_run")}
 
@@ -196,18 +206,29 @@ def logged_steps(run_dir):
     return steps
 
 
+_CKPT = re.compile(r"ckpt_(\d+)\.safetensors$")
+
+
+def checkpoint_step(run_dir):
+    """Step of the newest checkpoint (the trainer's ckpt_NNNNNN.safetensors), or None."""
+    steps = [int(m.group(1)) for m in (_CKPT.search(os.path.basename(p))
+                                      for p in glob.glob(os.path.join(run_dir, "ckpt_*.safetensors"))) if m]
+    return max(steps) if steps else None
+
+
 def has_checkpoint(run_dir):
-    return bool(glob.glob(os.path.join(run_dir, "*.safetensors")) or
-                glob.glob(os.path.join(run_dir, "checkpoints", "*.safetensors")))
+    return checkpoint_step(run_dir) is not None
 
 
 def is_finished(run, steps=None):
-    """A run is finished when the sweep marked it done, or its metrics reach its configured steps."""
+    """Finished = the sweep marked it done, or the trainer wrote its final checkpoint (ckpt at step `steps`;
+    the trainer always checkpoints the last step). Metrics alone do not count: a run killed between logging
+    its last step and saving the final checkpoint is resumed, which redoes that step."""
     if os.path.isfile(os.path.join(run["dir"], DONE_FILE)):
         return True
     steps = planned_steps(run) if steps is None else steps
-    logged = logged_steps(run["dir"])
-    return bool(logged) and (len(logged) >= steps or max(logged) >= steps)
+    last = checkpoint_step(run["dir"])
+    return last is not None and last >= steps
 
 
 def _pid_alive(pid):
@@ -304,12 +325,35 @@ def _kill_children():
 
 
 def train_argv(run):
+    """A fresh run gets its preset + overrides; a run with a checkpoint is continued with `--resume RUN_DIR`,
+    which reuses the resolved config.yaml the trainer saved there (so the overrides are not repeated)."""
+    if has_checkpoint(run["dir"]):
+        return [sys.executable, "-m", "pgrpo", "train", "--resume", run["dir"]]
     argv = [sys.executable, "-m", "pgrpo", "train", "--config", run["config"], "--out", run["dir"]]
     for s in run["set"]:
         argv += ["--set", s]
-    if has_checkpoint(run["dir"]):
-        argv += ["--resume", run["dir"]]
     return argv
+
+
+def _subst(argv):
+    return [a.replace("{python}", sys.executable) for a in argv]
+
+
+def prepare(sw, state, dry_run=False, log=print):
+    """Run the sweep's prepare commands in order; False (and the rest skipped) when one fails."""
+    for i, cmd in enumerate(sw["prepare"]):
+        argv = _subst(cmd)
+        if dry_run:
+            log("would run: " + " ".join(argv))
+            continue
+        logp = os.path.join(sw["out"], "prepare.log")
+        log(f"prepare: {' '.join(argv)}")
+        rc = _spawn(argv, logp)
+        if rc != 0:
+            log(f"prepare: FAILED (rc={rc}): {_tail(logp)}")
+            state.set("extract-prepare", status="failed", rc=rc, error=_tail(logp))
+            return False
+    return True
 
 
 def after_argv(sw, run):
@@ -404,6 +448,7 @@ def run_sweep(sw, dry_run=False, log=print):
             continue
         todo.append(run)
     if dry_run:
+        prepare(sw, None, dry_run=True, log=log)
         extract(sw, None, dry_run=True, log=log)
         for run in todo:
             log("would run: " + " ".join(train_argv(run)))
@@ -413,6 +458,12 @@ def run_sweep(sw, dry_run=False, log=print):
     if not todo:
         log("sweep: nothing left to run")
         return 0
+    if not prepare(sw, state, log=log):
+        for run in todo:
+            state.set(run["name"], status="failed", arm=run["arm"], seed=run["seed"], dir=run["dir"], rc=None,
+                      error="a prepare command failed (see prepare.log)")
+        log(f"sweep: prepare failed; {len(todo)} runs not started")
+        return len(todo)
     need = {r["seed"] for r in todo if sw["arms"][r["arm"]]["vhack"]}
     have = extract(sw, state, seeds=need, log=log) if need else set()
     failed = []
@@ -481,8 +532,9 @@ def status_rows(sw):
         except UserError:
             steps = None
         logged = logged_steps(run["dir"])
+        ck = checkpoint_step(run["dir"])
         finished = os.path.isfile(os.path.join(run["dir"], DONE_FILE)) or (
-            steps is not None and bool(logged) and (len(logged) >= steps or max(logged) >= steps))
+            steps is not None and ck is not None and ck >= steps)
         st = rec.get("status")
         if finished:
             status = "done"
