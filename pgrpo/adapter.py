@@ -304,6 +304,15 @@ class SVDAdapter:
                 lin.weight.requires_grad_(True)
                 lin.weight.grad = g.G[j]
 
+    def _check_linked(self):
+        """Merged weights must still be views of the stacks (model.to() after wrapping breaks that)."""
+        for g in self.groups:
+            want = g.W0 if self._disabled else g.W
+            for j, lin in enumerate(g.linears):
+                if lin.weight.data_ptr() != want[j].data_ptr():
+                    raise RuntimeError("The adapted model's weights were moved or replaced after wrapping "
+                                       "(model.to()?); move it with adapter.to(device) instead.")
+
     @torch.no_grad()
     def merge(self):
         """W_eff = W0 + U diag(knob) Vh for every module, one baddbmm per shape group.
@@ -313,6 +322,7 @@ class SVDAdapter:
         """
         if self.mode != "merged":
             return
+        self._check_linked()
         knob = self.knob().detach()
         for g in self.groups:
             dS = knob[g.start:g.start + g.L * g.r].view(g.L, g.r)
@@ -371,6 +381,7 @@ class SVDAdapter:
             g = self.delta.grad
             flat = torch.zeros_like(self.delta) if g is None else g.detach().clone()
         else:
+            self._check_linked()
             flat = torch.empty(self.R, dtype=torch.float32, device=self.device)
             for grp in self.groups:
                 for j, lin in enumerate(grp.linears):  # grads that were replaced: copy back in

@@ -91,6 +91,8 @@ def test_zero_knob_reproduces_base_logits_exactly(mode, ids, base_logits):
         _set_knob(ad, torch.full((ad.R,), 0.1))
         with ad.disabled():
             assert torch.equal(m(ids).logits, base_logits)
+            ad.merge()  # merging inside the context is allowed and shows after it
+            assert torch.equal(m(ids).logits, base_logits)
         assert not torch.allclose(m(ids).logits, base_logits)
 
 
@@ -290,6 +292,12 @@ def test_to_device_keeps_parameter_and_views():
     assert ad.to("cpu") is ad and ad.delta is p
     g = ad.groups[0]
     assert g.linears[0].weight.data_ptr() == g.W[0].data_ptr()
+    ad.merge()
+    m.double()  # moving the model behind the adapter's back is caught, not silently wrong
+    with pytest.raises(RuntimeError, match="adapter.to"):
+        ad.merge()
+    with pytest.raises(RuntimeError, match="adapter.to"):
+        ad.collect_grad()
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
