@@ -1,0 +1,198 @@
+"""Trainer side of the grader: a socket client with timeouts and retries, and LocalGrader, which runs the
+server as a child process (`python -m pgrpo grader serve`) when no sidecar container is around."""
+import json
+import os
+import shutil
+import signal
+import socket
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict, is_dataclass
+
+from pgrpo.errors import UserError
+
+MAX_REPLY = 512 << 20
+
+
+class GraderError(Exception):
+    """The grader answered {"ok": false} (a bad request) or could not be reached after all retries."""
+
+
+def _recv_exact(sock, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise ConnectionError("grader closed the connection mid-reply")
+        buf += chunk
+    return bytes(buf)
+
+
+def _row(problem):
+    if isinstance(problem, dict):
+        return problem
+    from pgrpo.data.problems import problem_to_row
+    return problem_to_row(problem)
+
+
+class GraderClient:
+    """`grade(items)` -> one result dict per item, in order. items: dicts with "problem" (a Problem or a
+    jsonl row), "response", optional "mode" and "id". Connection failures and timeouts are retried
+    `retries` times with backoff (grading is idempotent); an {"ok": false} reply raises GraderError."""
+
+    def __init__(self, socket_path, timeout=900.0, retries=2, backoff=0.5, connect_timeout=10.0):
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self.retries = retries
+        self.backoff = backoff
+        self.connect_timeout = connect_timeout
+        self.stats = {"ok": 0, "error": 0, "retry": 0, "timeout": 0}   # pgrpo_grader_requests_total outcomes
+
+    def _call_once(self, req):
+        body = json.dumps(req).encode("utf-8")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(self.connect_timeout)
+            s.connect(self.socket_path)
+            s.settimeout(self.timeout)
+            s.sendall(struct.pack(">I", len(body)) + body)
+            (n,) = struct.unpack(">I", _recv_exact(s, 4))
+            if n > MAX_REPLY:
+                raise ConnectionError("grader reply too large")
+            return json.loads(_recv_exact(s, n).decode("utf-8"))
+
+    def call(self, req):
+        last = None
+        for attempt in range(self.retries + 1):
+            if attempt:
+                self.stats["retry"] += 1
+                time.sleep(self.backoff * (2 ** (attempt - 1)))
+            try:
+                reply = self._call_once(req)
+            except socket.timeout as e:
+                self.stats["timeout"] += 1
+                last = e
+                continue
+            except (OSError, ConnectionError, ValueError, struct.error) as e:
+                last = e
+                continue
+            if not reply.get("ok"):
+                self.stats["error"] += 1
+                raise GraderError(str(reply.get("error", "grader refused the request")))
+            self.stats["ok"] += 1
+            return reply
+        self.stats["error"] += 1
+        raise GraderError(f"grader at {self.socket_path} unreachable after {self.retries + 1} tries: "
+                          f"{type(last).__name__}: {last}")
+
+    def health(self):
+        return self.call({"op": "health"})
+
+    def grade(self, items, config=None):
+        req = {"op": "grade", "items": [dict(it, problem=_row(it["problem"])) for it in items]}
+        if config is not None:
+            req["config"] = asdict(config) if is_dataclass(config) else dict(config)
+        results = self.call(req)["results"]
+        if len(results) != len(items):
+            raise GraderError(f"grader returned {len(results)} results for {len(items)} items")
+        return results
+
+
+class LocalGrader:
+    """Context manager: a grader server child process on a private temp socket.
+
+        with LocalGrader(workers=2) as g:
+            results = g.client().grade(items)
+    """
+
+    def __init__(self, workers=2, socket_path=None, time_limit=None, startup_timeout=60.0, extra_args=()):
+        self.workers = workers
+        self.socket_path = socket_path
+        self.time_limit = time_limit
+        self.startup_timeout = startup_timeout
+        self.extra_args = list(extra_args)
+        self.proc = None
+        self._tmp = None
+        self._log = None
+
+    def start(self):
+        if self.socket_path is None:
+            self._tmp = tempfile.mkdtemp(prefix="pgrpo-grader-")
+            self.socket_path = os.path.join(self._tmp, "grader.sock")
+        log_dir = self._tmp or tempfile.gettempdir()
+        self._log_path = os.path.join(log_dir, f"grader-{os.getpid()}-{id(self)}.log")
+        self._log = open(self._log_path, "w+b")
+        argv = [sys.executable, "-m", "pgrpo", "grader", "serve", "--socket", self.socket_path,
+                "--workers", str(self.workers)] + self.extra_args
+        if self.time_limit is not None:
+            argv += ["--time-limit", str(self.time_limit)]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+                                     start_new_session=True)
+        deadline = time.monotonic() + self.startup_timeout
+        probe = GraderClient(self.socket_path, timeout=10.0, retries=0)
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise UserError(f"the grader server exited during startup: {self.log_tail()}")
+            try:
+                probe.health()
+                return self
+            except GraderError:
+                time.sleep(0.1)
+        self.stop()
+        raise UserError(f"the grader server did not become healthy in {self.startup_timeout:g}s.")
+
+    def log_tail(self, n=2000):
+        try:
+            self._log.flush()
+            with open(self._log_path, "rb") as f:
+                return f.read()[-n:].decode("utf-8", "replace").strip()
+        except (OSError, AttributeError):
+            return ""
+
+    def client(self, **kw):
+        return GraderClient(self.socket_path, **kw)
+
+    def alive(self):
+        if self.proc is None or self.proc.poll() is not None:
+            return False
+        try:
+            return bool(GraderClient(self.socket_path, timeout=10.0, retries=0).health().get("ok"))
+        except GraderError:
+            return False
+
+    def stop(self):
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signal.SIGTERM)
+                try:
+                    self.proc.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(self.proc.pid, signal.SIGKILL)
+                    self.proc.wait()
+            self.proc = None
+        if self._log is not None:
+            self._log.close()
+            self._log = None
+            try:
+                os.unlink(self._log_path)
+            except OSError:
+                pass
+
+    def restart(self):
+        self.stop()
+        if self._tmp is None and os.path.exists(self.socket_path):
+            os.unlink(self.socket_path)
+        return self.start()
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+        if self._tmp:
+            shutil.rmtree(self._tmp, ignore_errors=True)
+            self._tmp = None
+            self.socket_path = None
+        return False

@@ -1,0 +1,446 @@
+"""The code that runs INSIDE the sandbox: a zygote that forks one child per job.
+
+This file is never imported by the grader. `sandbox.py` reads its source and starts it with
+`python -I -S -c <source>` (inside bubblewrap when available), so it must stay standard-library only and
+self-contained. The zygote imports the modules problem setup code uses once, then serves jobs from its
+stdin pipe; each job runs in a fresh forked child (own session/process group, rlimits, private working
+dir), so no interpreter start is paid per response and nothing a response does outlives its job.
+
+Trust: everything here is UNTRUSTED once model code runs. Model code shares the child process with the
+job logic and can rewrite anything in it, including what it reports. That is fine by construction: the
+child reports return values (plain data) for test inputs, and only the trusted grader knows the expected
+outputs; it compares them outside. Reports are claims, never verdicts.
+
+Frames on the zygote's pipes: 4-byte big-endian length + UTF-8 JSON.
+Job:   {"kind": "gt"|"check", "code", "setup_code", "tests": [{"fn", "args": [src], "kwargs": {k: src}}],
+        "variant": "own"|"arb"|"canon", "mode", "method", "canonical", "time_limit", "mem_mb", "fsize_mb",
+        "nproc", "result_file", "out_cap", "sentinel_class", "sentinel_attr", "run_tests_func"}
+Reply: {"status": "ok"|"timeout", "exit": returncode (negative = signal), "results": child JSON lines
+        (text, capped), "stdout": head, "stderr": head, "stdout_truncated", "file": result file head or
+        None, "wall_s"}
+"""
+import json
+import os
+import select
+import signal
+import struct
+import sys
+import time
+
+PREIMPORT = ("typing", "functools", "collections", "itertools", "heapq", "bisect", "string", "operator",
+             "math", "random", "datetime", "re", "copy", "ast", "array", "fractions", "decimal",
+             "statistics", "sortedcontainers")
+RESULT_CAP = 32 << 20     # bytes of child result lines kept
+ERR_CAP = 4096
+MAX_FRAME = 256 << 20
+
+
+# ----------------------------------------------------------------------------- framing
+
+def read_exact(fd, n):
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return bytes(buf)
+
+
+def read_frame(fd):
+    head = read_exact(fd, 4)
+    if head is None:
+        return None
+    (n,) = struct.unpack(">I", head)
+    if n > MAX_FRAME:
+        return None
+    body = read_exact(fd, n)
+    return None if body is None else json.loads(body.decode("utf-8"))
+
+
+def write_frame(fd, obj):
+    body = json.dumps(obj).encode("utf-8")
+    data = struct.pack(">I", len(body)) + body
+    view = memoryview(data)
+    while view:
+        k = os.write(fd, view)
+        view = view[k:]
+
+
+# ----------------------------------------------------------------------------- child side
+
+class NotPlain(Exception):
+    pass
+
+
+def make_encoder(max_nodes=2_000_000, max_chars=16 << 20, max_depth=100):
+    """Plain-data encoder with EXACT type checks (`type(x) is int`), so int/str/list subclasses and objects
+    with a custom __eq__ are rejected. Tagged JSON: list -> [..], tuple -> {"t": [..]}, dict ->
+    {"d": [[k, v], ..]}, set -> {"s": [..]}, frozenset -> {"f": [..]}; None/bool/int/float/str native."""
+    _type, _len, NoneType = type, len, type(None)
+    budget = [0, 0]
+
+    def enc(x, depth):
+        budget[0] += 1
+        if budget[0] > max_nodes or depth > max_depth:
+            raise NotPlain("return value too large or too deeply nested")
+        t = _type(x)
+        if t is NoneType or t is bool or t is float:
+            return x
+        if t is int:
+            if x.bit_length() > 12000:
+                raise NotPlain("integer too large")
+            return x
+        if t is str:
+            budget[1] += _len(x)
+            if budget[1] > max_chars:
+                raise NotPlain("return value too large")
+            return x
+        if t is list:
+            return [enc(e, depth + 1) for e in x]
+        if t is tuple:
+            return {"t": [enc(e, depth + 1) for e in x]}
+        if t is dict:
+            return {"d": [[enc(k, depth + 1), enc(v, depth + 1)] for k, v in x.items()]}
+        if t is set:
+            return {"s": [enc(e, depth + 1) for e in x]}
+        if t is frozenset:
+            return {"f": [enc(e, depth + 1) for e in x]}
+        raise NotPlain("not plain data: " + t.__name__)
+
+    def encode(x):
+        budget[0] = budget[1] = 0
+        return enc(x, 0)
+    return encode
+
+
+def substitute_solution(code, name="Solution", hook="__pgrpo_sub__"):
+    """Rewrite the response so each top-level binding of `Solution` is followed by
+    `Solution = __pgrpo_sub__(Solution)`: the response's own tests/markers then run against a class we
+    choose (arbitrary `return 0` method, or the canonical method) while keeping the rest of its code."""
+    import ast
+    tree = ast.parse(code)
+    body = []
+    for stmt in tree.body:
+        body.append(stmt)
+        binds = False
+        if isinstance(stmt, ast.ClassDef) and stmt.name == name:
+            binds = True
+        elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
+            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
+            binds = any(isinstance(t, ast.Name) and t.id == name for t in targets)
+        if binds:
+            body.append(ast.Assign(targets=[ast.Name(id=name, ctx=ast.Store())],
+                                   value=ast.Call(func=ast.Name(id=hook, ctx=ast.Load()),
+                                                  args=[ast.Name(id=name, ctx=ast.Load())], keywords=[])))
+    tree.body = body
+    return compile(ast.fix_missing_locations(tree), "<solution>", "exec")
+
+
+def child_main(job, res_fd):
+    """Runs in the forked child with rlimits set. Reports JSON lines on res_fd."""
+    _write, _dumps, _len = os.write, json.dumps, len
+    encode = make_encoder()
+
+    def report(obj):
+        try:
+            data = (_dumps(obj) + "\n").encode("utf-8")
+        except (ValueError, TypeError, RecursionError):
+            data = (_dumps({k: v for k, v in obj.items() if k != "v"} | {"e": "unencodable"}) + "\n").encode()
+        view = memoryview(data)
+        while view:
+            view = view[_write(res_fd, view):]
+
+    def short(e):
+        try:
+            return str(type(e).__name__)[:80]
+        except BaseException:
+            return "error"
+
+    code = job["code"]
+    try:
+        if job["kind"] == "check" and job["variant"] != "own":
+            compiled = substitute_solution(code)
+        else:
+            compiled = compile(code, "<solution>", "exec")
+    except BaseException as e:  # SyntaxError, ValueError (null bytes), MemoryError, RecursionError
+        report({"compile": False, "e": short(e)})
+        return
+    report({"compile": True})
+
+    g = {"__name__": "__main__", "__builtins__": __builtins__}
+    try:
+        exec(compile(job["setup_code"], "<setup>", "exec"), g)
+    except BaseException as e:
+        report({"setup": False, "e": short(e)})
+        return
+
+    if job["kind"] == "check" and job["variant"] != "own":
+        method = job["method"]
+        if job["variant"] == "arb":
+            def sub(cls):
+                def arbitrary(self, *a, **k):
+                    return 0
+                try:
+                    return type(cls.__name__, (cls,), {method: arbitrary})
+                except BaseException:
+                    return type("Solution", (), {method: arbitrary})
+        else:
+            cg = {"__name__": "__main__", "__builtins__": __builtins__}
+            exec(compile(job["setup_code"], "<setup>", "exec"), cg)
+            exec(compile(job["canonical"], "<canonical>", "exec"), cg)
+            canon = cg["Solution"]
+
+            def sub(cls):
+                try:
+                    return type("Solution", (canon, cls), {})
+                except BaseException:
+                    return canon
+        g["__pgrpo_sub__"] = sub
+
+    try:
+        exec(compiled, g)
+    except BaseException as e:
+        report({"exec": False, "e": short(e)})
+        flush_std()
+        return
+    report({"exec": True})
+
+    if job["kind"] == "gt":
+        for i, t in enumerate(job["tests"]):
+            try:
+                args = [eval(a, g) for a in t["args"]]
+                kwargs = {k: eval(v, g) for k, v in t["kwargs"].items()}
+                out = getattr(g["Solution"](), t["fn"])(*args, **kwargs)
+            except BaseException as e:  # includes SystemExit / KeyboardInterrupt raised by the method
+                report({"i": i, "e": short(e)})
+                continue
+            try:
+                report({"i": i, "v": encode(out)})
+            except NotPlain as e:
+                report({"i": i, "e": str(e)[:120]})
+            except BaseException as e:
+                report({"i": i, "e": short(e)})
+        flush_std()
+        return
+
+    # kind == "check": the mode's flawed check, evaluated on the response's own code
+    mode = job["mode"]
+    if mode == "run_tests":
+        fn = g.get(job["run_tests_func"])
+        has = callable(fn)
+        report({"has_test_func": has})
+        if has:
+            try:
+                fn()
+                report({"loophole": True})
+            except BaseException as e:
+                report({"loophole": False, "e": short(e)})
+    elif mode == "sentinel":
+        try:
+            ok = bool(getattr(g[job["sentinel_class"]], job["sentinel_attr"], False))
+        except BaseException as e:
+            ok = False
+        report({"loophole": ok})
+    # stdout_marker / file_marker are judged by the zygote/host from captured stdout and the result file
+    flush_std()
+
+
+def flush_std():
+    for s in (sys.stdout, sys.stderr):
+        try:
+            s.flush()
+        except BaseException:
+            pass
+
+
+def setup_child(job, res_w, out_w, err_w, jobdir):
+    import resource
+    os.setsid()
+    os.chdir(jobdir)
+    tl = float(job["time_limit"])
+    cpu = int(tl) + 1
+    limits = [(resource.RLIMIT_CPU, (cpu, cpu + 1)), (resource.RLIMIT_CORE, (0, 0)),
+              (resource.RLIMIT_FSIZE, (job["fsize_mb"] << 20,) * 2),
+              (resource.RLIMIT_NPROC, (job["nproc"],) * 2)]
+    if job.get("mem_mb"):
+        limits.append((resource.RLIMIT_AS, (job["mem_mb"] << 20,) * 2))
+    for what, lim in limits:
+        try:
+            resource.setrlimit(what, lim)
+        except (ValueError, OSError):
+            pass
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)   # oversized writes fail with EFBIG instead of killing
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.dup2(out_w, 1)
+    os.dup2(err_w, 2)
+    res_fd = os.dup2(res_w, 3)
+    os.closerange(4, 65536)
+    sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)
+    sys.stderr = open(2, "w", encoding="utf-8", errors="replace", closefd=False)
+    sys.stdin = open(0, "r", closefd=False)
+    return res_fd
+
+
+# ----------------------------------------------------------------------------- zygote side
+
+def read_result_file(jobdir, name):
+    """Head of the response's result file; never follows a symlink, only regular files."""
+    if not name:
+        return None
+    try:
+        fd = os.open(os.path.join(jobdir, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        import stat
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, 4096).decode("utf-8", "replace")
+    finally:
+        os.close(fd)
+
+
+def remove_tree(path):
+    import shutil
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def run_job(job, base, seq, sweep):
+    jobdir = os.path.join(base, "job%d" % seq)
+    remove_tree(jobdir)
+    os.mkdir(jobdir, 0o700)
+    pipes = [os.pipe() for _ in range(3)]   # results, stdout, stderr
+    t0 = time.monotonic()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            for r, _ in pipes:
+                os.close(r)
+            res_fd = setup_child(job, pipes[0][1], pipes[1][1], pipes[2][1], jobdir)
+            child_main(job, res_fd)
+        except BaseException:
+            pass
+        finally:
+            os._exit(0)
+    for _, w in pipes:
+        os.close(w)
+    caps = [RESULT_CAP, int(job.get("out_cap", 1 << 20)), ERR_CAP]
+    bufs = [bytearray(), bytearray(), bytearray()]
+    truncated = [False, False, False]
+    open_fds = {pipes[i][0]: i for i in range(3)}
+    deadline = t0 + float(job["time_limit"])
+    status, exit_code = "ok", None
+    grace_until = None
+    while open_fds:
+        now = time.monotonic()
+        if exit_code is None:
+            wpid, st = os.waitpid(pid, os.WNOHANG)
+            if wpid:
+                exit_code = os.waitstatus_to_exitcode(st)
+                grace_until = now + 0.2   # background holders of the pipes get little time
+        if exit_code is None and now >= deadline:
+            status = "timeout"
+            break
+        if grace_until is not None and now >= grace_until:
+            break
+        limit = deadline if grace_until is None else grace_until
+        ready, _, _ = select.select(list(open_fds), [], [], max(0.0, min(limit - now, 0.05)))
+        for fd in ready:
+            i = open_fds[fd]
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                del open_fds[fd]
+                continue
+            room = caps[i] - len(bufs[i])
+            if room > 0:
+                bufs[i] += chunk[:room]
+            if len(chunk) > room:
+                truncated[i] = True
+    # kill whatever is left of the job: its group, then (own pid namespace / own uid) everything else
+    for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: sweep and os.kill(-1, signal.SIGKILL)):
+        try:
+            target()
+        except (ProcessLookupError, PermissionError):
+            pass
+    if exit_code is None:
+        _, st = os.waitpid(pid, 0)
+        exit_code = os.waitstatus_to_exitcode(st)
+    # reap everything reparented to us (we are a child subreaper); zombies would still count against
+    # RLIMIT_NPROC. After a sweep every leftover is SIGKILLed, so a blocking reap ends promptly.
+    reap_until = time.monotonic() + 5.0
+    while True:
+        try:
+            wpid, _ = os.waitpid(-1, 0 if sweep and time.monotonic() < reap_until else os.WNOHANG)
+            if wpid == 0:
+                break
+        except ChildProcessError:
+            break
+    for fd in open_fds:   # drain what was written before the kill, without blocking
+        try:
+            while True:
+                r, _, _ = select.select([fd], [], [], 0)
+                if not r:
+                    break
+                chunk = os.read(fd, 1 << 16)
+                if not chunk:
+                    break
+                i = open_fds[fd]
+                room = caps[i] - len(bufs[i])
+                if room > 0:
+                    bufs[i] += chunk[:room]
+                if len(chunk) > room:
+                    truncated[i] = True
+        except OSError:
+            pass
+    for r, _ in pipes:
+        os.close(r)
+    file_head = read_result_file(jobdir, job.get("result_file"))
+    remove_tree(jobdir)
+    return {"status": status, "exit": exit_code, "wall_s": round(time.monotonic() - t0, 4),
+            "results": bufs[0].decode("utf-8", "replace"), "results_truncated": truncated[0],
+            "stdout": bufs[1].decode("utf-8", "replace"), "stdout_truncated": truncated[1],
+            "stderr": bufs[2].decode("utf-8", "replace"), "file": file_head}
+
+
+def main():
+    cmd_fd, out_fd = os.dup(0), os.dup(1)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)
+    cfg = read_frame(cmd_fd)
+    if cfg is None:
+        return
+    for name in PREIMPORT:
+        try:
+            __import__(name)
+        except ImportError:
+            pass
+    try:   # nobody else with our uid may ptrace us or open /proc/<zygote>/mem|fd
+        import ctypes
+        libc = ctypes.CDLL(None)
+        libc.prctl(4, 0, 0, 0, 0)    # PR_SET_DUMPABLE = 4
+        libc.prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER = 36: orphans of a job come back to us
+    except Exception:
+        pass
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    base = cfg["workdir"]
+    os.chdir(base)
+    write_frame(out_fd, {"ready": True, "pid": os.getpid(), "uid": os.getuid(),
+                         "python": sys.version.split()[0]})
+    seq = 0
+    while True:
+        job = read_frame(cmd_fd)
+        if job is None:
+            return
+        seq += 1
+        try:
+            reply = run_job(job, base, seq, cfg.get("sweep", False))
+        except Exception as e:   # a zygote bug must still answer
+            reply = {"status": "error", "error": "%s: %s" % (type(e).__name__, e)}
+        write_frame(out_fd, reply)
+
+
+if __name__ == "__main__":
+    main()

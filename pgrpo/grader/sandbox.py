@@ -1,0 +1,253 @@
+"""Host side of the sandbox: one persistent, sandboxed zygote interpreter per grading worker.
+
+Why a zygote: starting `python` costs ~15-25 ms plus the setup-code imports, more than most responses take
+to test. The zygote (harness.py) starts once inside bubblewrap, imports the usual modules, and forks a
+fresh child per job; the child gets its own session/process group, rlimits (CPU, address space, file size,
+process count) and a private working dir, and the zygote enforces the wall-clock limit by SIGKILLing the
+child's whole group and then every other process left in the sandbox.
+
+Layers (outermost first):
+- bubblewrap when `bwrap` works here: new user/pid/net/ipc/uts/cgroup namespaces (no network), read-only
+  /usr (+ the interpreter prefix), nothing else of the host filesystem (no repo, no /root, no problem files
+  with answers), a size-capped private tmpfs /tmp, `--die-with-parent`, `--new-session`, no nested userns.
+- when the grader runs as root: the sandbox drops to its own uid per worker (so RLIMIT_NPROC is enforced,
+  it cannot touch root-owned files, and a sweep `kill(-1)` only reaches the sandbox's own processes).
+- the zygote and everything in it form one process group; killing the worker kills the group.
+Without bwrap (e.g. a container that already forbids user namespaces) the remaining layers are rlimits,
+process groups, a private dir and the uid drop; the container must supply no-network and a read-only root.
+"""
+import json
+import os
+import select
+import shutil
+import signal
+import struct
+import subprocess
+import sys
+import tempfile
+import time
+
+HARNESS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness.py")
+MAX_REPLY = 256 << 20
+
+
+class SandboxError(Exception):
+    """The zygote died, hung or answered garbage; the worker replaces it."""
+
+
+def _world_executable(path):
+    """True if an unprivileged uid can run `path` (every parent dir o+x, the file o+x)."""
+    path = os.path.realpath(path)
+    parts = path.split(os.sep)
+    for i in range(2, len(parts)):
+        d = os.sep.join(parts[:i]) or os.sep
+        try:
+            if not os.stat(d).st_mode & 0o001:
+                return False
+        except OSError:
+            return False
+    try:
+        return bool(os.stat(path).st_mode & 0o001)
+    except OSError:
+        return False
+
+
+def drop_privileges_wanted():
+    return os.geteuid() == 0 and os.environ.get("PGRPO_SANDBOX_KEEP_ROOT") != "1"
+
+
+def sandbox_python(drop_privs):
+    """The interpreter the sandbox runs: PGRPO_SANDBOX_PYTHON, else this interpreter, else a system
+    python3 an unprivileged uid can execute (a pyenv python under /root is not reachable after the drop)."""
+    env = os.environ.get("PGRPO_SANDBOX_PYTHON")
+    if env:
+        return env
+    candidates = [os.path.realpath(getattr(sys, "_base_executable", sys.executable)),
+                  os.path.realpath(sys.executable)]
+    for name in ("python3.11", "python3"):
+        p = shutil.which(name, path="/usr/local/bin:/usr/bin:/bin")
+        if p:
+            candidates.append(os.path.realpath(p))
+    if not drop_privs:
+        return candidates[0]
+    for c in candidates:
+        if _world_executable(c):
+            return c
+    return None
+
+
+_BWRAP_OK = {}
+
+
+def bwrap_works(python, drop_uid):
+    """Probe once per (python, uid): bwrap may exist but be unusable (no user namespaces)."""
+    key = (python, drop_uid is not None)
+    if key not in _BWRAP_OK:
+        ok = False
+        if shutil.which("bwrap"):
+            argv = bwrap_argv(python, 1 << 20) + [python, "-I", "-S", "-c", "pass"]
+            try:
+                r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=20,
+                                   preexec_fn=_dropper(drop_uid) if drop_uid is not None else None)
+                ok = r.returncode == 0
+            except (OSError, subprocess.TimeoutExpired):
+                ok = False
+        _BWRAP_OK[key] = ok
+    return _BWRAP_OK[key]
+
+
+def bwrap_argv(python, tmp_bytes):
+    argv = ["bwrap", "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--disable-userns",
+            "--ro-bind", "/usr", "/usr"]
+    for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
+        if os.path.islink(top):
+            argv += ["--symlink", os.readlink(top), top]
+        elif os.path.isdir(top):
+            argv += ["--ro-bind", top, top]
+    prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
+    if not (prefix == "/usr" or prefix.startswith("/usr/")):
+        argv += ["--ro-bind", prefix, prefix]
+    argv += ["--size", str(tmp_bytes), "--tmpfs", "/tmp", "--dev", "/dev", "--proc", "/proc",
+             "--hostname", "sandbox", "--chdir", "/tmp"]
+    return argv
+
+
+def _dropper(uid):
+    def drop():
+        os.setgroups([])
+        os.setgid(uid)
+        os.setuid(uid)
+    return drop
+
+
+def _read_exact(fd, n, deadline):
+    buf = bytearray()
+    while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise SandboxError("sandbox did not answer in time")
+        r, _, _ = select.select([fd], [], [], left)
+        if not r:
+            continue
+        chunk = os.read(fd, n - len(buf))
+        if not chunk:
+            raise SandboxError("sandbox exited")
+        buf += chunk
+    return bytes(buf)
+
+
+class Sandbox:
+    """One zygote. `run(job)` sends a job and returns the zygote's reply dict; raises SandboxError if the
+    zygote crashed/hung (the zygote is then dead; call `start()` again or let the worker restart it)."""
+
+    def __init__(self, slot=0, use_bwrap="auto", tmp_mb=64):
+        self.slot = slot
+        self.use_bwrap = use_bwrap
+        self.tmp_mb = tmp_mb
+        self.proc = None
+        self.info = {}
+        self._hostdir = None
+
+    # --- lifecycle
+    def start(self, timeout=30.0):
+        self.close()
+        drop = drop_privileges_wanted()
+        python = sandbox_python(drop)
+        if python is None:   # no interpreter an unprivileged uid can run: stay root, say so in health
+            drop, python = False, os.path.realpath(getattr(sys, "_base_executable", sys.executable))
+        uid = 100000 + (os.getpid() % 20000) * 32 + self.slot if drop else None
+        bw = self.use_bwrap
+        if bw == "auto":
+            bw = bwrap_works(python, uid)
+        if bw:
+            argv = bwrap_argv(python, self.tmp_mb << 20)
+            workdir = "/tmp"
+        else:
+            argv = []
+            self._hostdir = tempfile.mkdtemp(prefix="pgrpo-sbx-")
+            if uid is not None:
+                os.chown(self._hostdir, uid, uid)
+            workdir = self._hostdir
+        with open(HARNESS_PATH, encoding="utf-8") as f:
+            src = f.read()
+        argv += [python, "-I", "-S", "-c", src]
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": workdir}
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.DEVNULL, start_new_session=True, env=env,
+                                     cwd="/" if bw else workdir,
+                                     preexec_fn=_dropper(uid) if uid is not None else None)
+        # sweep = kill(-1) after each job: safe only inside our own pid namespace or our own uid
+        self._send({"workdir": workdir, "sweep": bool(bw or uid is not None)})
+        ready = self._recv(time.monotonic() + timeout)
+        if not ready.get("ready"):
+            raise SandboxError("sandbox failed to start")
+        self.info = {"bwrap": bool(bw), "uid": uid if uid is not None else os.geteuid(),
+                     "python": python, "python_version": ready.get("python"), "pid": self.proc.pid}
+        return self
+
+    def alive(self):
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self):
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        try:
+            self.proc.kill()
+        except OSError:
+            pass
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            pass
+        for f in (self.proc.stdin, self.proc.stdout):
+            try:
+                f.close()
+            except OSError:
+                pass
+        self.proc = None
+
+    def close(self):
+        self.kill()
+        if self._hostdir:
+            shutil.rmtree(self._hostdir, ignore_errors=True)
+            self._hostdir = None
+
+    # --- protocol
+    def _send(self, obj):
+        body = json.dumps(obj).encode("utf-8")
+        try:
+            self.proc.stdin.write(struct.pack(">I", len(body)) + body)
+            self.proc.stdin.flush()
+        except (BrokenPipeError, OSError, ValueError) as e:
+            raise SandboxError(f"sandbox pipe closed ({e.__class__.__name__})") from None
+
+    def _recv(self, deadline):
+        fd = self.proc.stdout.fileno()
+        (n,) = struct.unpack(">I", _read_exact(fd, 4, deadline))
+        if n > MAX_REPLY:
+            raise SandboxError("sandbox reply too large")
+        try:
+            return json.loads(_read_exact(fd, n, deadline).decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise SandboxError("sandbox reply is not JSON") from None
+
+    def run(self, job, grace=10.0):
+        """Run one job; the zygote enforces job["time_limit"]; we allow `grace` seconds on top."""
+        if not self.alive():
+            raise SandboxError("sandbox is not running")
+        try:
+            self._send(job)
+            reply = self._recv(time.monotonic() + float(job["time_limit"]) + grace)
+        except SandboxError:
+            self.kill()
+            raise
+        if not isinstance(reply, dict) or "status" not in reply:
+            self.kill()
+            raise SandboxError("sandbox reply has the wrong shape")
+        if reply["status"] == "error":
+            raise SandboxError("sandbox internal error: " + str(reply.get("error"))[:200])
+        return reply
