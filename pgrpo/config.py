@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -149,6 +150,13 @@ def _coerce(value, tp, key):
             raise UserError(f"config key {key} must be an integer, got {value!r}.")
         return value
     if tp is float:
+        if isinstance(value, str):  # YAML 1.1 reads "3e-4" (no dot) as a string; people write it anyway
+            try:
+                value = float(value)
+            except ValueError:
+                pass
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"config key {key} must be a finite number, got {value!r}.")
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise UserError(f"config key {key} must be a number, got {value!r}.")
         return float(value)
