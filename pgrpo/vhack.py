@@ -410,3 +410,118 @@ def format_report(rep: dict) -> str:
             lines.append(f"{label:16}{f(r['accuracy']):>10}{f(r['mean_cosine']):>10}"
                          f"{f(r['coef_accuracy']):>10}{f(r['removed_fraction']):>10}")
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- `pgrpo extract`
+
+
+def report_path(out) -> str:
+    """vhack.safetensors -> vhack.report.json (next to it)."""
+    out = os.fspath(out)
+    base = out[: -len(".safetensors")] if out.endswith(".safetensors") else out
+    return base + ".report.json"
+
+
+def resolve_device_dtype(cfg) -> tuple[str, str]:
+    """The trainer's rule: auto device = cuda if available; auto dtype = bfloat16 on cuda, float32 on cpu."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
+def config_hash(cfg) -> str:
+    """Hash of everything in a config that changes the gradients extraction sees (model, seed of the
+    embedded model, dtype, adapter layout and mode); the run's other keys (steps, lr, ...) do not count."""
+    device, dtype = resolve_device_dtype(cfg)
+    key = {"model": cfg.model.name, "seed": cfg.seed, "dtype": dtype,
+           "targets": list(cfg.adapter.targets), "layers": cfg.adapter.layers, "mode": cfg.adapter.mode}
+    return hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def build_model_adapter(cfg):
+    """(model, adapter, tokenizer) as the trainer builds them from a config (fresh knobs, step 0)."""
+    from pgrpo.adapter import SVDAdapter
+    from pgrpo.model import load_model
+    device, dtype = resolve_device_dtype(cfg)
+    model, tok = load_model(cfg.model.name, dtype=dtype, device=device, seed=cfg.seed)
+    adapter = SVDAdapter(model, targets=tuple(cfg.adapter.targets), layers=cfg.adapter.layers,
+                         mode=cfg.adapter.mode, cache_dir=cfg.adapter.svd_cache_dir)
+    return model, adapter, tok
+
+
+CACHE_KEYS = ("pairs_sha256", "model", "k", "cut", "heldout", "seed", "config_hash", "max_tokens")
+
+
+def cli(argv) -> int:
+    ap = argparse.ArgumentParser(prog="pgrpo extract",
+                                 description="Extract v_hack from contrastive pairs at the config's model/adapter.")
+    ap.add_argument("--config", required=True, help="job preset (model, adapter, seed, device, dtype)")
+    ap.add_argument("--out", required=True, help="output .safetensors (the report goes next to it)")
+    ap.add_argument("--pairs", help="pairs file (default: the config's arm.refresh_pairs, else the shipped pairs.json)")
+    ap.add_argument("--k", type=int, default=4, help="directions per module before the cut (default 4)")
+    ap.add_argument("--cut", type=float, default=0.25, help="drop this bottom fraction of all singular values (default 0.25)")
+    ap.add_argument("--heldout", type=float, default=0.2, help="fraction of pairs held out for validation (default 0.2)")
+    ap.add_argument("--seed", type=int, default=None, help="split/null seed (default: the config's seed)")
+    ap.add_argument("--max-tokens", type=int, default=None, help="truncate prompt+completion to this many tokens (left)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
+    ap.add_argument("--force", action="store_true", help="re-extract even if --out is up to date")
+    a = ap.parse_args(argv)
+    if a.k < 1:
+        raise UserError(f"--k must be >= 1, got {a.k}.")
+    if not 0 <= a.cut < 1:
+        raise UserError(f"--cut must be in [0, 1), got {a.cut}.")
+    if not 0 <= a.heldout < 1:
+        raise UserError(f"--heldout must be in [0, 1), got {a.heldout}.")
+
+    from pgrpo import config as C
+    from pgrpo.data.pairs import DEFAULT_PATH, load_pairs, pairs_sha256
+    cfg = C.load(a.config, a.set, check_files=False)
+    pairs_path = a.pairs or cfg.arm.refresh_pairs or DEFAULT_PATH
+    pairs = load_pairs(pairs_path)
+    seed = cfg.seed if a.seed is None else a.seed
+    device, dtype = resolve_device_dtype(cfg)
+    meta = {"pairs_sha256": pairs_sha256(pairs_path), "pairs_path": os.fspath(pairs_path), "model": cfg.model.name,
+            "k": str(a.k), "cut": str(a.cut), "heldout": str(a.heldout), "seed": str(seed),
+            "config_hash": config_hash(cfg), "adapter_mode": cfg.adapter.mode, "dtype": dtype, "step": "0",
+            "max_tokens": str(a.max_tokens), "n_pairs": str(len(pairs))}
+
+    if os.path.exists(a.out) and not a.force:
+        try:
+            _, _, old = load_vhack(a.out)
+        except UserError:
+            old = {}
+        if all(old.get(key) == meta[key] for key in CACHE_KEYS) and os.path.exists(report_path(a.out)):
+            print(f"extract: {a.out} is up to date (same pairs sha256, model, k, cut, config hash); skipping. "
+                  f"Use --force to re-extract.")
+            with open(report_path(a.out)) as f:
+                print(format_report(json.load(f)))
+            return 0
+
+    def log(msg):
+        print(msg, file=sys.stderr, flush=True)
+
+    t0 = time.time()
+    model, adapter, tok = build_model_adapter(cfg)
+    t_load = time.time() - t0
+    log(f"extract: {cfg.model.name} on {device}/{dtype}, {len(adapter.names)} modules, R={adapter.R}, "
+        f"{len(pairs)} pairs from {pairs_path} (loaded in {t_load:.1f}s)")
+    ex = run_extraction(model, adapter, tok, pairs, k=a.k, cut=a.cut, heldout=a.heldout, seed=seed,
+                        max_tokens=a.max_tokens, log=log)
+    ex.report.update({"seconds_extract": round(ex.seconds, 3), "seconds_load": round(t_load, 3),
+                      "fit_pairs": ex.fit_idx, "heldout_pairs": ex.held_idx,
+                      "metadata": meta, "out": os.fspath(a.out)})
+    if not ex.V:
+        raise UserError("no module kept a direction (all singular values were cut or zero); lower --cut.")
+    save_vhack(a.out, ex.V, ex.S, meta)
+    rp = report_path(a.out)
+    tmp = f"{rp}.tmp{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(ex.report, f, indent=1)
+    os.replace(tmp, rp)
+    print(format_report(ex.report))
+    print(f"extract: wrote {a.out} and {rp} ({ex.seconds:.1f}s extraction)")
+    return 0

@@ -363,7 +363,7 @@ def _grade_items(items, grader=None, workers: int = 2):
     """Grade [{problem, response, mode, id}] with the real grader (a local grader process unless given)."""
     if grader is not None:
         return _grade_chunks(grader, items)
-    from pgrpo.grader import LocalGrader
+    from pgrpo.grader.client import LocalGrader
     with LocalGrader(workers=workers) as lg:
         return _grade_chunks(lg.client(), items)
 
