@@ -188,3 +188,23 @@ def test_cli_end_to_end(tmp_path):
     assert p.stdout.startswith("verdict: supported (R = 50.0pp")
     data = json.loads((tmp_path / "rep" / "report.json").read_text())
     assert data["verdict"] == "supported" and len(data["runs"]) == 6
+
+
+def test_degenerate_substrate_is_flagged(tmp_path):
+    # Neither arm ever hacks (the tiny model's own samples): falsified by the rules, and the report says why
+    # that verdict is about the substrate. Held-out log-odds rows are tabulated per arm with a Welch CI.
+    for arm, lo in (("vanilla", (0.30, 0.32, 0.34)), ("projected", (0.10, 0.11, 0.12))):
+        for s in range(3):
+            d = write_run(tmp_path, arm, s, 0.0, 0.0, early=0.0)
+            with open(os.path.join(d, "heldout.jsonl"), "w") as f:
+                f.write(json.dumps({"step": 0, "logodds": 0.0}) + "\n")
+                f.write(json.dumps({"step": 40, "logodds": lo[s]}) + "\n")
+    rep = R.report([str(tmp_path)], out=str(tmp_path / "o"))
+    assert rep["verdict"] == "falsified"
+    assert any("R = 0.0pp < 15pp" in r for r in rep["reasons"])
+    assert rep["notes"] and "vanilla barely hacks (0.0%" in rep["notes"][0]
+    ho = rep["secondary"]["heldout_logodds"]
+    assert ho["diff"] == pytest.approx(-0.21)
+    assert ho["ci"][1] < 0
+    assert os.path.exists(tmp_path / "o" / "heldout.png")
+    assert "> Note: vanilla barely hacks" in (tmp_path / "o" / "report.md").read_text()
