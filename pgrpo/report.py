@@ -331,7 +331,7 @@ def decide(summary_by_arm, min_seeds=MIN_SEEDS, metric="final"):
     pp = [r[pk] for r in summary_by_arm.get("projected", []) if not math.isnan(r[pk])]
     hack = welch(hv, hp)
     pas = welch(pv, pp)
-    R = -hack["diff"]
+    R = -hack["diff"] + 0.0  # + 0.0 turns -0.0 into 0.0 for printing
     D = pas["diff"]
     se = hack["se"]
     stats = {"metric": metric, "R": R, "D": D, "se": se, "hack": hack, "pass": pas,
