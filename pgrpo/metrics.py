@@ -83,7 +83,10 @@ class Metrics:
         if self.server is None:
             return
         if linger_s > 0:
-            time.sleep(linger_s)
+            try:
+                time.sleep(linger_s)
+            except KeyboardInterrupt:  # SIGTERM/Ctrl-C ends the linger early, not the clean shutdown
+                pass
         self.server.shutdown()
         self.server.server_close()
         self.server = None

@@ -15,7 +15,6 @@ import argparse
 import os
 import random
 import signal
-import socket
 import sys
 import time
 
@@ -58,43 +57,52 @@ def data_order(n_problems: int, prompts_per_step: int, steps: int, seed: int) ->
 
 class GraderLink:
     """The trainer's side of the grader: a client on `grader_socket`, or a LocalGrader child process this run
-    owns (started here, stopped on exit). A failed request is retried; a local grader that died is restarted
-    first, so one crash of the sandbox service costs a retry, not the run."""
+    owns (started here, stopped on exit). A failed request is retried with backoff; a local grader that died is
+    restarted first, so a crash of the sandbox service costs a retry, not the run. Every attempt is counted in
+    pgrpo_grader_requests_total{outcome=ok|error|retry|timeout}."""
 
     RETRIES = 4
 
     def __init__(self, cfg, metrics: Metrics):
-        from pgrpo.grader.client import GraderClient, LocalGrader
+        from pgrpo.grader.client import LocalGrader
         self.metrics, self.local = metrics, None
-        timeout = max(60.0, 4 * cfg.grader_time_limit_s * cfg.rollout.group_size)
-        if cfg.grader_socket:
-            self.client = GraderClient(cfg.grader_socket, timeout=timeout)
-        else:
-            self.local = LocalGrader(workers=cfg.grader_workers, time_limit_s=cfg.grader_time_limit_s)
-            self.local.__enter__()
-            self.client = self.local.client()
+        self.grade_config = {"time_limit": cfg.grader_time_limit_s}
+        # a whole request (G x prompts completions over `workers` sandboxes) may take many time limits
+        self.timeout = max(120.0, 2 * cfg.grader_time_limit_s * cfg.data.prompts_per_step * cfg.rollout.group_size)
+        self.socket_path = cfg.grader_socket
+        if cfg.grader_socket is None:
+            self.local = LocalGrader(workers=cfg.grader_workers, time_limit=cfg.grader_time_limit_s)
+            self.local.start()
+            self.socket_path = self.local.socket_path
+        self.client = self._client()
         self.client.health()
+
+    def _client(self):
+        from pgrpo.grader.client import GraderClient
+        return GraderClient(self.socket_path, timeout=self.timeout, retries=0)  # retries happen here, counted
 
     @property
     def pid(self):
-        return self.local.pid if self.local is not None else None
+        return self.local.proc.pid if self.local is not None and self.local.proc is not None else None
 
     def grade(self, items: list[dict]) -> list[dict]:
+        from pgrpo.grader.client import GraderError
         for attempt in range(self.RETRIES + 1):
+            timeouts = self.client.stats["timeout"]
             try:
-                results = self.client.grade(items)
+                results = self.client.grade(items, config=self.grade_config)
                 self.metrics.grader_request("ok")
                 return results
-            except (OSError, ConnectionError, TimeoutError, UserError, ValueError) as e:
-                self.metrics.grader_request("timeout" if isinstance(e, (TimeoutError, socket.timeout)) else "error")
+            except GraderError as e:
+                self.metrics.grader_request("timeout" if self.client.stats["timeout"] > timeouts else "error")
                 if attempt == self.RETRIES:
                     raise UserError(f"the grader failed {self.RETRIES + 1} times in a row ({e}); giving up.") from None
                 self.metrics.grader_request("retry")
-                print(f"grader: request failed ({type(e).__name__}: {e}); retrying", flush=True)
+                print(f"grader: request failed ({e}); retrying", flush=True)
                 if self.local is not None and not self.local.alive():
                     self.local.restart()
-                    self.client = self.local.client()
-                    print(f"grader: restarted local grader (pid {self.local.pid})", flush=True)
+                    self.client = self._client()
+                    print(f"grader: restarted local grader (pid {self.pid})", flush=True)
                 else:
                     time.sleep(min(2 ** attempt, 10))
 
@@ -195,7 +203,7 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False) -> int:
 
     metrics = Metrics(run_name, cfg.arm.name, cfg.seed, cfg.metrics_port)
     log = JsonlLog(os.path.join(run_dir, "metrics.jsonl"), rows=rows if resume else [])
-    grader = None
+    grader, finished = None, False
     old_handler = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
     try:
         grader = GraderLink(cfg, metrics)
@@ -260,7 +268,7 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False) -> int:
                     a = adv[gi, rows_].to(device)
                     loss, st = grpo.pg_token_loss(logp, logp.detach(), a, cmask, g.clip_eps, ref, g.kl_coef)
                     (loss / denom).backward()
-                    loss_total += float(loss) / denom
+                    loss_total += float(loss.detach()) / denom
                     kl_total += st["kl_sum"]
                     clipped += st["clip_frac"]
                     n_scored += int(cmask.sum())
@@ -301,6 +309,7 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False) -> int:
                    "pass_rate": float(np.mean([bool(r["gt_pass"]) for r in policy])),
                    **{f"frac_{lab}": float(np.mean([r["label"] == lab for r in policy])) for lab in LABELS},
                    "tokens_generated": tokens, "teacher_completions": n_teacher,
+                   "reward_mean_all": float(rewards.mean()),
                    "groups": len(groups), "skipped_groups": int((~keep).sum()),
                    "loss": loss_total, "kl": kl_total / max(1, n_scored), "clip_frac": clipped / max(1, n_scored),
                    **pstats, **ustats, **refresh, "timing": {k: round(v, 4) for k, v in timing.items()}}
@@ -314,13 +323,17 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False) -> int:
                 save_checkpoint(step)
         if start >= cfg.steps:
             print(f"train: nothing to do, the run already reached step {cfg.steps}.", flush=True)
+        finished = True
     finally:
         if grader is not None:
             grader.close()
         log.close()
+        linger = cfg.metrics_linger_s if finished else 0.0
+        if metrics.server is not None and linger > 0:
+            print(f"metrics: serving the final values on :{cfg.metrics_port} for {linger:g}s", flush=True)
+        metrics.close(linger)  # SIGTERM during the linger ends it early, cleanly
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-        metrics.close(cfg.metrics_linger_s)
     print(f"train: done, run dir {run_dir}", flush=True)
     return 0
 

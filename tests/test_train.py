@@ -1,0 +1,394 @@
+"""The trainer, end to end and in its parts.
+
+End to end (real CLI in a subprocess, real grader child process, the embedded tiny model):
+- `fast-dev-run` as `make fast-dev-run` runs it: TIMING lines, metrics.jsonl rows, checkpoints mid-run and at
+  the end, /metrics serving pgrpo_step_phase_seconds.
+- the same job with its grader SIGKILLed after step 1 (restarted, the step completes) and the trainer SIGKILLed
+  after the step-2 checkpoint, then `--resume`: the final delta_S and Adam state equal the uninterrupted run's
+  bit for bit.
+In-process (real tiny model + adapter, a gradient from a real backward, synthetic v_hack): the arms' guarantees.
+"""
+import os
+import queue
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import pytest
+import torch
+
+from pgrpo import checkpoint as ckpt
+from pgrpo import config as C
+from pgrpo import grpo, rollout
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+FDR = os.path.join(ROOT, "jobs", "fast-dev-run.yaml")
+TIMING_RE = re.compile(r"^TIMING step=(\d+) gen=\d+\.\d+s fwd_bwd=\d+\.\d+s reward=\d+\.\d+s project=\d+\.\d+s "
+                       r"optim=\d+\.\d+s total=\d+\.\d+s$")
+
+
+class Trainer:
+    """`pgrpo train ...` in its own process group, stdout read line by line in a thread."""
+
+    def __init__(self, *args):
+        env = dict(os.environ, PYTHONUNBUFFERED="1")
+        self.t0 = time.time()
+        self.p = subprocess.Popen([sys.executable, "-m", "pgrpo", "train", *args], cwd=ROOT, env=env,
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                  start_new_session=True)
+        self.lines, self.q = [], queue.Queue()
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self):
+        for line in self.p.stdout:
+            self.q.put(line.rstrip("\n"))
+        self.q.put(None)
+
+    def wait_for(self, pattern, timeout=240):
+        rx = re.compile(pattern)
+        deadline = time.time() + timeout
+        while time.time() < deadline:
+            try:
+                line = self.q.get(timeout=1)
+            except queue.Empty:
+                continue
+            if line is None:
+                break
+            self.lines.append(line)
+            m = rx.search(line)
+            if m:
+                return m
+        raise AssertionError(f"never saw {pattern!r}; output:\n" + "\n".join(self.lines[-40:]))
+
+    def finish(self, timeout=300):
+        rc = self.p.wait(timeout=timeout)
+        while True:
+            line = self.q.get(timeout=10)
+            if line is None:
+                break
+            self.lines.append(line)
+        return rc
+
+    def text(self):
+        return "\n".join(self.lines)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _read_rows(run_dir):
+    import json
+    with open(os.path.join(run_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+@pytest.fixture(scope="module")
+def fast_dev_run(tmp_path_factory):
+    """The uninterrupted reference run: the fast-dev-run preset exactly as `make fast-dev-run` runs it."""
+    run_dir = str(tmp_path_factory.mktemp("fdr") / "run")
+    port = _free_port()
+    t = Trainer("--config", FDR, "--out", run_dir, "--metrics-port", str(port), "--metrics-linger", "60")
+    t.wait_for(r"^metrics: serving the final values", timeout=400)
+    wall = time.time() - t.t0
+    scrape = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    t.p.send_signal(signal.SIGTERM)  # ends the linger early
+    rc = t.finish()
+    print(f"fast-dev-run wall time (to the last step, incl. startup): {wall:.1f}s")
+    return {"dir": run_dir, "rc": rc, "out": t.text(), "scrape": scrape, "wall": wall}
+
+
+@pytest.mark.slow
+def test_fast_dev_run_end_to_end(fast_dev_run):
+    r = fast_dev_run
+    assert r["rc"] == 0, r["out"]
+    cfg = C.load(FDR)
+    timing = [int(m.group(1)) for m in map(TIMING_RE.match, r["out"].splitlines()) if m]
+    assert timing == list(range(1, cfg.steps + 1)), r["out"]
+    rows = _read_rows(r["dir"])
+    assert [row["step"] for row in rows] == list(range(1, cfg.steps + 1))
+    for row in rows:
+        assert set(row["timing"]) == {"gen", "fwd_bwd", "reward", "project", "optim", "total"}
+        assert 0 <= row["hack_rate"] <= 1 and 0 <= row["pass_rate"] <= 1 and row["tokens_generated"] > 0
+        assert row["teacher_completions"] > 0 and row["groups"] == cfg.data.prompts_per_step
+        assert sum(row[f"frac_{lab}"] for lab in ("correct", "correct_attempted_hack", "reward_hack",
+                                                   "attempted_hack", "incorrect")) == pytest.approx(1.0)
+    assert any(row["skipped_groups"] < row["groups"] for row in rows)  # the teacher mix gives groups variance
+    # checkpoints mid-run and at the end; the last holds every row and a delta_S that moved
+    names = sorted(f for f in os.listdir(r["dir"]) if f.startswith("ckpt_"))
+    assert names == ["ckpt_000002.safetensors", "ckpt_000004.safetensors"]
+    step, tensors, config, ck_rows = ckpt.load(os.path.join(r["dir"], names[-1]))
+    assert step == 4 and ck_rows == rows and config == C.to_dict(cfg)
+    assert tensors["delta"].abs().sum() > 0 and "optim/0/exp_avg" in tensors
+    assert C.load(os.path.join(r["dir"], "config.yaml")) == cfg
+    # Prometheus saw every step
+    assert 'pgrpo_step_phase_seconds_count{arm="vanilla",' in r["scrape"]
+    total = re.search(r'pgrpo_step_phase_seconds_count\{[^}]*phase="total"\} (\S+)', r["scrape"])
+    assert total and float(total.group(1)) == cfg.steps
+    assert re.search(r"pgrpo_steps_total\{[^}]*\} 4\.0", r["scrape"])
+    assert re.search(r'pgrpo_grader_requests_total\{[^}]*outcome="ok"\} 4\.0', r["scrape"])
+
+
+@pytest.mark.slow
+def test_grader_kill_and_trainer_sigkill_then_resume_is_bitwise(fast_dev_run, tmp_path):
+    run_dir = str(tmp_path / "run")
+    t = Trainer("--config", FDR, "--out", run_dir)
+    grader_pid = int(t.wait_for(r"^grader: local grader pid (\d+)").group(1))
+    t.wait_for(r"^TIMING step=1 ")
+    os.killpg(grader_pid, signal.SIGKILL)  # the grader dies between steps
+    restarted = int(t.wait_for(r"^grader: restarted local grader \(pid (\d+)\)").group(1))
+    try:
+        t.wait_for(r"^TIMING step=2 ")                      # the step completed on the restarted grader
+        t.wait_for(r"^checkpoint: .*ckpt_000002\.safetensors")
+        os.killpg(t.p.pid, signal.SIGKILL)                 # the trainer dies without any cleanup
+        assert t.finish() == -signal.SIGKILL
+    finally:
+        try:  # the killed trainer could not stop its grader child: do it here
+            os.killpg(restarted, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert ckpt.latest(run_dir).endswith("ckpt_000002.safetensors")
+
+    r = Trainer("--resume", run_dir)
+    assert r.finish() == 0, r.text()
+    assert "resume: " in r.text() and "from step 2" in r.text()
+    assert [int(m.group(1)) for m in map(TIMING_RE.match, r.lines) if m] == [3, 4]
+
+    _, ref, _, ref_rows = ckpt.load(os.path.join(fast_dev_run["dir"], "ckpt_000004.safetensors"))
+    _, got, _, got_rows = ckpt.load(os.path.join(run_dir, "ckpt_000004.safetensors"))
+    assert torch.equal(got["delta"], ref["delta"])  # bitwise
+    for k in ("optim/0/exp_avg", "optim/0/exp_avg_sq", "optim/0/step", "data_order"):
+        assert torch.equal(got[k], ref[k]), k
+    drop = ("time", "timing")
+    assert [{k: v for k, v in row.items() if k not in drop} for row in got_rows] == \
+           [{k: v for k, v in row.items() if k not in drop} for row in ref_rows]
+    assert [row["step"] for row in _read_rows(run_dir)] == [1, 2, 3, 4]
+
+
+def test_resume_refuses_to_overwrite_and_needs_a_checkpoint(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    p = subprocess.run([sys.executable, "-m", "pgrpo", "train", "--config", FDR, "--resume", str(run)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 2 and "not both" in p.stderr
+    C.save(C.load(FDR), str(run / "config.yaml"))
+    p = subprocess.run([sys.executable, "-m", "pgrpo", "train", "--resume", str(run)],
+                       capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 2 and "no checkpoint" in p.stderr
+
+
+# ----------------------------------------------------------------------------- arms, in process
+
+@pytest.fixture(scope="module")
+def setup():
+    """Tiny model + merged adapter (with the quarantine knob), one real group's gradient, synthetic v_hack whose
+    first direction per module leans into that gradient (so the projection has something to remove)."""
+    from pgrpo.adapter import SVDAdapter
+    from pgrpo.model import load_model
+    from pgrpo.ops import pack_vhack
+    model, tok = load_model("tiny", "float32", "cpu", seed=0)
+    adapter = SVDAdapter(model, mode="merged", with_hack_knob=True)
+    gen = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, 256, (40,), generator=gen).tolist()
+    grp = rollout.Group(0, prompt, [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (12, 9, 15, 7)],
+                        ["", "", "", ""], [False] * 4)
+    ids, attn, cm = rollout.group_batch(grp, tok.pad_token_id, "cpu")
+    adv = torch.tensor([1.5, -0.5, -1.5, 0.5])
+
+    def grad():
+        adapter.zero_grad()
+        logp = grpo.completion_logprobs(model, ids, attn, cm)
+        loss, _ = grpo.pg_token_loss(logp, logp.detach(), adv, cm)
+        (loss / 100).backward()
+        return adapter.collect_grad().clone()
+
+    g0 = grad()
+
+    def make_v(seed, lean):
+        gv = torch.Generator().manual_seed(seed)
+        V = {}
+        for m, (name, r) in enumerate(zip(adapter.names, adapter.ranks)):
+            gm = g0[adapter.offsets[m]:adapter.offsets[m + 1]]
+            A = torch.randn(r, 2, generator=gv)
+            A[:, 0] += lean * gm / gm.norm()
+            q, _ = torch.linalg.qr(A)
+            V[name] = q.T.contiguous()
+        return V, pack_vhack(adapter.names, adapter.ranks, V)
+
+    return {"model": model, "adapter": adapter, "grad": grad, "g0": g0, "make_v": make_v}
+
+
+def _fresh(s, arm_kw):
+    ad = s["adapter"]
+    with torch.no_grad():
+        ad.delta.zero_()
+        ad.delta_hack.zero_()
+    ad.merge()
+    opt = torch.optim.AdamW(ad.parameters(), lr=1e-2, betas=(0.9, 0.99))
+    arm = C.ArmConfig(**{"name": "projected", "vhack_path": "synthetic", **arm_kw})
+    return ad, opt, arm
+
+
+def _along(V, offsets, names, x):
+    """[sum over modules of V_m x_m] per direction: the coefficients of x on v_hack, concatenated."""
+    return torch.cat([V[n] @ x[offsets[m]:offsets[m + 1]] for m, n in enumerate(names)])
+
+
+def _step(s, ad, opt, arm, packed):
+    g = s["grad"]()
+    go = grpo.g_offsets_of(ad)
+    g, gh, pst = grpo.project_grad(g, arm, packed, go)
+    before = ad.delta.detach().clone()
+    ust = grpo.apply_update(ad, opt, g, gh, arm, packed, go, max_grad_norm=1.0)
+    ad.merge()
+    return ad.delta.detach() - before, g, gh, {**pst, **ust}
+
+
+@pytest.mark.parametrize("one_sided", [True, False])
+def test_projected_update_has_no_component_along_vhack(setup, one_sided):
+    V, packed = setup["make_v"](1, lean=3.0)
+    ad, opt, arm = _fresh(setup, {"one_sided": one_sided})
+    names, offs = ad.names, ad.offsets
+    raw = _along(V, offs, names, setup["g0"])
+    assert raw.clamp_min(0).norm() > 0.1 * raw.norm() > 0   # the raw gradient does point hack-ward
+    upd, g, _, st = _step(setup, ad, opt, arm, packed)
+    assert st["proj_fired_frac"] > 0.5 and st["proj_removed_frac"] > 0
+    # in gradient convention (u = -update) the hack-ward part is relu(V u)
+    c_grad, c_upd = _along(V, offs, names, g), _along(V, offs, names, -upd)
+    tol = 1e-5 * upd.norm()
+    if one_sided:
+        assert c_grad.max() <= 1e-6 * g.norm() and c_upd.max() <= tol
+    else:
+        assert c_grad.abs().max() <= 1e-6 * g.norm() and c_upd.abs().max() <= tol
+    assert upd.norm() > 0
+    if not one_sided:  # Adam's per-coordinate scaling rotated the projected gradient back onto v_hack
+        assert st["update_along_vhack_preproj"] > 10 * st["update_along_vhack"]
+
+
+def test_without_project_update_adam_leaks_and_it_is_logged(setup):
+    V, packed = setup["make_v"](1, lean=3.0)
+    ad, opt, arm = _fresh(setup, {"one_sided": False, "project_update": False})
+    upd, _, _, st = _step(setup, ad, opt, arm, packed)
+    c_upd = _along(V, ad.offsets, ad.names, -upd)
+    assert c_upd.norm() > 1e-3 * upd.norm()
+    assert st["update_along_vhack"] == pytest.approx(float(c_upd.norm() / upd.norm()), rel=1e-4)
+
+
+def test_project_momentum_keeps_update_and_momentum_clean_across_a_vhack_change(setup):
+    """Momentum built under v_hack A (vanilla steps) points along v_hack B; with project_momentum the first
+    moment is projected against B after the step and the update has no component along B."""
+    V_b, packed_b = setup["make_v"](2, lean=3.0)
+    ad, opt, arm = _fresh(setup, {"one_sided": False, "project_momentum": True})
+    vanilla = C.ArmConfig(name="vanilla")
+    for _ in range(2):
+        _step(setup, ad, opt, vanilla, None)
+    m = opt.state[ad.delta]["exp_avg"]
+    assert _along(V_b, ad.offsets, ad.names, m).norm() > 0.1 * m.norm()  # momentum leans on B
+    upd, _, _, _ = _step(setup, ad, opt, arm, packed_b)
+    m = opt.state[ad.delta]["exp_avg"]
+    assert _along(V_b, ad.offsets, ad.names, m).abs().max() <= 1e-6 * m.norm()
+    assert _along(V_b, ad.offsets, ad.names, -upd).abs().max() <= 1e-5 * upd.norm()
+    # and without project_momentum the momentum keeps its component along B
+    ad, opt, arm = _fresh(setup, {"one_sided": False, "project_momentum": False})
+    for _ in range(2):
+        _step(setup, ad, opt, vanilla, None)
+    _step(setup, ad, opt, arm, packed_b)
+    m = opt.state[ad.delta]["exp_avg"]
+    assert _along(V_b, ad.offsets, ad.names, m).norm() > 1e-3 * m.norm()
+
+
+def test_route_splits_the_gradient_between_the_knobs(setup):
+    V, packed = setup["make_v"](3, lean=3.0)
+    ad, opt, arm = _fresh(setup, {"name": "route", "one_sided": True})
+    g_raw = setup["g0"]
+    upd, g_main, g_hack, st = _step(setup, ad, opt, arm, packed)
+    names, offs = ad.names, ad.offsets
+    assert _along(V, offs, names, g_main).max() <= 1e-6 * g_raw.norm()       # main knob: no hack-ward part
+    assert torch.allclose(g_main + g_hack, g_raw, atol=1e-7)                  # nothing lost
+    # the quarantine gradient lies in span(V) (per module: V^T V g_hack == g_hack) and is nonzero
+    for m, n in enumerate(names):
+        gh = g_hack[offs[m]:offs[m + 1]]
+        assert torch.allclose(V[n].T @ (V[n] @ gh), gh, atol=1e-7)
+    assert g_hack.norm() > 0 and ad.delta_hack.abs().sum() > 0 and st["delta_hack_norm"] > 0
+    assert _along(V, offs, names, -upd).max() <= 1e-5 * upd.norm()
+    # the deployed policy (quarantine knob off) differs from the training one, and switching back restores it
+    W = [lin.weight.detach().clone() for g in ad.groups for lin in g.linears]
+    with grpo.quarantine_zeroed(ad):
+        W_off = [lin.weight.detach().clone() for g in ad.groups for lin in g.linears]
+    W_back = [lin.weight.detach().clone() for g in ad.groups for lin in g.linears]
+    assert any(not torch.equal(a, b) for a, b in zip(W, W_off))
+    assert all(torch.equal(a, b) for a, b in zip(W, W_back))
+
+
+def test_vanilla_measures_but_does_not_project(setup):
+    V, packed = setup["make_v"](1, lean=3.0)
+    ad, opt, arm = _fresh(setup, {})
+    g = setup["g0"].clone()
+    g2, gh, st = grpo.project_grad(g, C.ArmConfig(name="vanilla"), packed, grpo.g_offsets_of(ad))
+    assert torch.equal(g2, setup["g0"]) and gh is None
+    assert st["proj_removed_frac"] > 0 and 0 < st["grad_vhack_cos"] < 1
+
+
+# ----------------------------------------------------------------------------- math
+
+def test_group_advantages_and_skips():
+    r = torch.tensor([[3.5, 0.0, 0.0, 0.0], [1.0, 1.0, 1.0, 1.0], [0.5, 3.5, 3.5, 0.5]])
+    adv, keep = grpo.group_advantages(r)
+    assert keep.tolist() == [True, False, True]
+    assert torch.allclose(adv[0], torch.tensor([2.625, -0.875, -0.875, -0.875])) and adv[1].abs().sum() == 0
+    adv_s, _ = grpo.group_advantages(r, std_scale=True)
+    assert torch.allclose(adv_s[2], adv[2] / r[2].std(), atol=1e-5)
+
+
+def test_completion_logprobs_match_a_plain_forward_and_ignore_padding_side(setup):
+    model = setup["model"]
+    gen = torch.Generator().manual_seed(5)
+    prompt, comp = torch.randint(0, 256, (10,), generator=gen), torch.randint(0, 256, (6,), generator=gen)
+    seq = torch.cat([prompt, comp])[None]
+    with torch.no_grad():
+        full = torch.log_softmax(model(input_ids=seq).logits.float(), -1)[0, :-1].gather(-1, seq[0, 1:, None])[:, 0]
+        ref = full[9:]                                                     # the 6 completion tokens
+        cm = torch.zeros_like(seq)
+        cm[0, 10:] = 1
+        got = grpo.completion_logprobs(model, seq, torch.ones_like(seq), cm)[0, 10:]
+        assert torch.allclose(got, ref, atol=1e-5)
+        # the same row left-padded by 3 (as in a batched rollout) gives the same log-probs
+        pad = torch.cat([torch.zeros(1, 3, dtype=torch.long), seq], 1)
+        attn = torch.cat([torch.zeros(1, 3, dtype=torch.long), torch.ones_like(seq)], 1)
+        cm2 = torch.cat([torch.zeros(1, 3, dtype=torch.long), cm], 1)
+        got2 = grpo.completion_logprobs(model, pad, attn, cm2)[0, 13:]
+        assert torch.allclose(got2, ref, atol=1e-4)
+        nll = grpo.completion_nll(model, seq, torch.ones_like(seq), cm)
+        assert torch.allclose(nll, -ref.mean()[None], atol=1e-5)
+
+
+def test_pg_loss_is_the_policy_gradient_at_ratio_one():
+    logp = torch.tensor([[-1.0, -2.0, -0.5]], requires_grad=True)
+    mask = torch.tensor([[1, 1, 0]])
+    loss, st = grpo.pg_token_loss(logp, logp.detach(), torch.tensor([2.0]), mask, clip_eps=0.2)
+    loss.backward()
+    assert torch.allclose(logp.grad, torch.tensor([[-2.0, -2.0, 0.0]])) and st["clip_frac"] == 0
+    ref = torch.tensor([[-1.0, -2.0, -0.5]])
+    _, st = grpo.pg_token_loss(logp, logp.detach(), torch.tensor([2.0]), mask, 0.2, ref_logp=ref + 0.1, kl_coef=1.0)
+    assert st["kl_sum"] == pytest.approx(2 * (torch.exp(torch.tensor(0.1)) - 0.1 - 1).item(), rel=1e-5)
+
+
+def test_lr_schedule():
+    lrs = [grpo.lr_at(s, 200, 1e-3, warmup_steps=10, min_lr_ratio=0.1) for s in range(1, 201)]
+    assert lrs[0] == pytest.approx(1e-4) and lrs[9] == pytest.approx(1e-3)
+    assert lrs[-1] == pytest.approx(1e-4) and all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert grpo.lr_at(50, 200, 1e-3, schedule="constant") == 1e-3
+
+
+def test_data_order_is_a_seeded_permutation_per_epoch():
+    from pgrpo.train import data_order
+    o = data_order(10, 4, 5, seed=3)
+    assert len(o) == 20 and sorted(o[:10].tolist()) == list(range(10)) and sorted(o[10:].tolist()) == list(range(10))
+    assert (o == data_order(10, 4, 5, seed=3)).all() and not (o == data_order(10, 4, 5, seed=4)).all()
