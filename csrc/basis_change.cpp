@@ -1,0 +1,59 @@
+// basis_change on CPU: g[l, j] = sum_a U[l,a,j] * (G_l Vh_l^T)[a,j] = diag(U_l^T G_l Vh_l^T)_j.
+// One batched GEMM (MKL/OpenBLAS through ATen) for T = G Vh^T in fp32, then a fused column dot with
+// U under OpenMP that never forms U*T or an r x r product. bf16/fp16 inputs are widened to fp32.
+#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <vector>
+
+#include "pgrpo.h"
+
+namespace pgrpo {
+
+namespace {
+constexpr int64_t kCols = 64;  // columns per task: one row segment of U and T is 256 B of fp32
+
+template <typename scalar_t>
+void column_dot(const scalar_t* U, const float* T, float* out, int64_t L, int64_t o, int64_t r) {
+  const int64_t tiles = (r + kCols - 1) / kCols;
+  const int64_t tasks = L * tiles;
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads()) if (tasks > 1)
+  for (int64_t t = 0; t < tasks; ++t) {
+    const int64_t l = t / tiles, j0 = (t % tiles) * kCols;
+    const int64_t n = std::min(kCols, r - j0);
+    float acc[kCols] = {0.f};
+    const scalar_t* Ul = U + l * o * r + j0;
+    const float* Tl = T + l * o * r + j0;
+    for (int64_t a = 0; a < o; ++a) {
+      const scalar_t* u = Ul + a * r;
+      const float* x = Tl + a * r;
+#pragma omp simd
+      for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<float>(u[j]) * x[j];
+    }
+    for (int64_t j = 0; j < n; ++j) out[l * r + j0 + j] = acc[j];
+  }
+}
+}  // namespace
+
+at::Tensor basis_change_cpu(const at::Tensor& G, const at::Tensor& U, const at::Tensor& Vh) {
+  check_basis_change(G, U, Vh);
+  TORCH_CHECK_VALUE(G.device().is_cpu(), "basis_change_cpu: expected CPU tensors, got ", G.device());
+  const int64_t L = G.size(0), o = G.size(1), r = U.size(2);
+  at::Tensor out = at::empty({L, r}, G.options().dtype(at::kFloat));
+  if (L == 0 || r == 0) return out;
+  if (o == 0 || G.size(2) == 0) return out.zero_();
+  // T = G Vh^T, [L,o,r] fp32; the transposed view goes straight to BLAS, no copy of Vh.
+  at::Tensor T = at::bmm(G.to(at::kFloat), Vh.to(at::kFloat).transpose(1, 2)).contiguous();
+  at::Tensor Uc = U.contiguous();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, Uc.scalar_type(), "basis_change_cpu", [&] {
+    column_dot<scalar_t>(Uc.const_data_ptr<scalar_t>(), T.const_data_ptr<float>(),
+                         out.mutable_data_ptr<float>(), L, o, r);
+  });
+  return out;
+}
+
+}  // namespace pgrpo
+
+TORCH_LIBRARY_IMPL(pgrpo, CPU, m) { m.impl("basis_change", &pgrpo::basis_change_cpu); }

@@ -1,0 +1,24 @@
+// Shared input checks for the pgrpo ops. Every op validates shapes, dtypes, devices and offsets
+// before touching memory, so a wrong call raises a clear ValueError instead of corrupting g.
+#pragma once
+#include <ATen/ATen.h>
+
+namespace pgrpo {
+
+// G [L,o,i], U [L,o,r], Vh [L,r,i]; same floating dtype (fp32/bf16/fp16) and device.
+void check_basis_change(const at::Tensor& G, const at::Tensor& U, const at::Tensor& Vh);
+
+// Metadata checks (no device sync): ranks, dtypes, devices, contiguity, lengths, overshoot.
+void check_project_meta(const at::Tensor& g, const at::Tensor& g_offsets, const at::Tensor& v,
+                        const at::Tensor& v_offsets, const at::Tensor& ks, double overshoot);
+
+// Value checks on host copies of the index arrays (M modules, g has R and v has P elements).
+void check_project_offsets(const int64_t* go, const int64_t* vo, const int64_t* ks, int64_t M,
+                           int64_t R, int64_t P);
+
+at::Tensor basis_change_cpu(const at::Tensor& G, const at::Tensor& U, const at::Tensor& Vh);
+at::Tensor project_cpu_(at::Tensor& g, const at::Tensor& g_offsets, const at::Tensor& v,
+                        const at::Tensor& v_offsets, const at::Tensor& ks, double overshoot,
+                        bool one_sided);
+
+}  // namespace pgrpo

@@ -1,0 +1,98 @@
+// project_ on CPU: every module's slice of the flat g is projected against its own v_hack block in
+// one call, OpenMP over modules (dynamic schedule: r and k differ per module, k = 0 passes through).
+// Two parallel sweeps: (1) norms of g per module, which doubles as the non-finite check so that a bad
+// g raises before anything is written; (2) c = V g (relu if one-sided), d = overshoot * c V,
+// g -= d, ||d||, touching each V block twice while it is hot in cache.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <vector>
+
+#include "pgrpo.h"
+
+namespace pgrpo {
+
+at::Tensor project_cpu_(at::Tensor& g, const at::Tensor& g_offsets, const at::Tensor& v,
+                        const at::Tensor& v_offsets, const at::Tensor& ks, double overshoot,
+                        bool one_sided) {
+  check_project_meta(g, g_offsets, v, v_offsets, ks, overshoot);
+  TORCH_CHECK_VALUE(g.device().is_cpu(), "project_cpu_: expected CPU tensors, got ", g.device());
+  const int64_t M = ks.numel();
+  at::Tensor goc = g_offsets.contiguous(), voc = v_offsets.contiguous(), kc = ks.contiguous();
+  at::Tensor vc = v.contiguous();
+  const int64_t* go = goc.const_data_ptr<int64_t>();
+  const int64_t* vo = voc.const_data_ptr<int64_t>();
+  const int64_t* kk = kc.const_data_ptr<int64_t>();
+  check_project_offsets(go, vo, kk, M, g.numel(), vc.numel());
+
+  at::Tensor stats = at::zeros({M, 2}, g.options());
+  if (M == 0) return stats;
+  float* gp = g.mutable_data_ptr<float>();
+  const float* vp = vc.const_data_ptr<float>();
+  float* st = stats.mutable_data_ptr<float>();
+  const int nthreads = at::get_num_threads();
+
+  // Sweep 1: ||g_m|| in double (no overflow), and the non-finite check, before any write.
+  int64_t bad = -1;
+#pragma omp parallel for schedule(dynamic, 4) num_threads(nthreads) if (M > 1)
+  for (int64_t m = 0; m < M; ++m) {
+    const float* x = gp + go[m];
+    const int64_t r = go[m + 1] - go[m];
+    double s = 0.0;
+#pragma omp simd reduction(+ : s)
+    for (int64_t j = 0; j < r; ++j) s += static_cast<double>(x[j]) * x[j];
+    if (!std::isfinite(s)) {
+#pragma omp critical
+      if (bad < 0 || m < bad) bad = m;
+    }
+    st[2 * m] = static_cast<float>(std::sqrt(s));
+  }
+  TORCH_CHECK_VALUE(bad < 0, "project_: g contains non-finite values (NaN or Inf) in module ", bad,
+                    " (g[", go[bad], ":", go[bad + 1], "]); refusing to project");
+
+  // Sweep 2: the projection itself.
+  const float os = static_cast<float>(overshoot);
+#pragma omp parallel num_threads(nthreads) if (M > 1)
+  {
+    std::vector<float> c, d;  // per-thread scratch: coefficients [k] and removed component [r]
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t m = 0; m < M; ++m) {
+      const int64_t k = kk[m], r = go[m + 1] - go[m];
+      if (k == 0 || r == 0) continue;
+      float* x = gp + go[m];
+      const float* V = vp + vo[m];
+      if (static_cast<int64_t>(c.size()) < k) c.resize(k);
+      if (static_cast<int64_t>(d.size()) < r) d.resize(r);
+      for (int64_t i = 0; i < k; ++i) {
+        const float* Vi = V + i * r;
+        float s = 0.f;
+#pragma omp simd reduction(+ : s)
+        for (int64_t j = 0; j < r; ++j) s += Vi[j] * x[j];
+        c[i] = os * (one_sided && s < 0.f ? 0.f : s);
+      }
+      float* dd = d.data();
+      std::fill(dd, dd + r, 0.f);
+      for (int64_t i = 0; i < k; ++i) {
+        const float ci = c[i];
+        if (ci == 0.f) continue;
+        const float* Vi = V + i * r;
+#pragma omp simd
+        for (int64_t j = 0; j < r; ++j) dd[j] += ci * Vi[j];
+      }
+      double rem = 0.0;
+#pragma omp simd reduction(+ : rem)
+      for (int64_t j = 0; j < r; ++j) {
+        x[j] -= dd[j];
+        rem += static_cast<double>(dd[j]) * dd[j];
+      }
+      st[2 * m + 1] = static_cast<float>(std::sqrt(rem));
+    }
+  }
+  return stats;
+}
+
+}  // namespace pgrpo
+
+TORCH_LIBRARY_IMPL(pgrpo, CPU, m) { m.impl("project_", &pgrpo::project_cpu_); }
