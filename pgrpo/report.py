@@ -332,7 +332,7 @@ def decide(summary_by_arm, min_seeds=MIN_SEEDS, metric="final"):
     hack = welch(hv, hp)
     pas = welch(pv, pp)
     R = -hack["diff"] + 0.0  # + 0.0 turns -0.0 into 0.0 for printing
-    D = pas["diff"]
+    D = pas["diff"] + 0.0
     se = hack["se"]
     stats = {"metric": metric, "R": R, "D": D, "se": se, "hack": hack, "pass": pas,
              "n": {"vanilla": len(hv), "projected": len(hp)}}

@@ -179,3 +179,23 @@ def test_sweep_end_to_end_kill_and_resume(tmp_path):
                        cwd=ROOT, capture_output=True, text=True)
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("verdict: inconclusive")
+
+
+@pytest.mark.slow
+def test_sweep_one_run_per_gpu(tmp_path):
+    """gpus: [0, 1] runs the two runs at the same time, each pinned with its own CUDA_VISIBLE_DEVICES
+    (on a machine without GPUs the trainer falls back to CPU; the pinning is what is checked, through
+    after_run, which inherits the run's environment)."""
+    preset = tiny_preset(tmp_path, steps=1)
+    probe = "import os, sys; open(sys.argv[1] + '/gpu.txt', 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])"
+    cfg = sweep_yaml(tmp_path, preset, seeds=[0, 1], gpus=[0, 1], after_run=["{python}", "-c", probe, "{run}"])
+    p = subprocess.run([sys.executable, "-m", "pgrpo", "sweep", "--config", cfg], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = tmp_path / "sw"
+    gpus = {(out / r / "gpu.txt").read_text() for r in ("vanilla-s0", "vanilla-s1")}
+    assert gpus == {"0", "1"}
+    runs = json.loads((out / "sweep-state.json").read_text())["runs"]
+    a, b = runs["vanilla-s0"], runs["vanilla-s1"]
+    assert a["started"] < b["ended"] and b["started"] < a["ended"]     # they overlapped in time
+    assert os.path.exists(out / "vanilla-s0" / "SWEEP_DONE")
