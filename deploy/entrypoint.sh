@@ -1,0 +1,63 @@
+#!/bin/sh
+# Entrypoint of the trainer image: turns the compose environment into one `pgrpo` command line.
+#
+#   pgrpo-entrypoint train     # fresh run, or --resume when the run dir already holds a checkpoint
+#   pgrpo-entrypoint extract   # v_hack for the preset (pgrpo extract skips it when it is up to date)
+#   pgrpo-entrypoint ARGS...   # anything else is passed to `pgrpo` unchanged (e.g. `bench step`)
+# Extra arguments after train/extract are appended (e.g. `--set steps=50`).
+#
+# Environment (defaults in brackets):
+#   PGRPO_PRESET [fast-dev-run]   jobs/<preset>.yaml          PGRPO_SEED [0]
+#   PGRPO_RUN [<preset>-seed<seed>]  run dir name under PGRPO_RUNS_DIR [/runs]; also the Prometheus `run` label
+#   PGRPO_GRADER_SOCKET []        grader sidecar socket; empty = the trainer starts a local grader child
+#   PGRPO_VHACK []                v_hack file (arm.vhack_path); empty = the preset's own value
+#   PGRPO_METRICS_PORT [9400]     PGRPO_CACHE_DIR [/cache] (SVD cache under svd/)   PGRPO_JOBS_DIR [/app/jobs]
+#
+# Resume rule: a restarted container finds ckpt_*.safetensors in its run dir and continues it with
+# `pgrpo train --resume` (the run's own config.yaml is reused; only the socket/metrics port are re-applied).
+set -eu
+
+preset=${PGRPO_PRESET:-fast-dev-run}
+seed=${PGRPO_SEED:-0}
+runs=${PGRPO_RUNS_DIR:-/runs}
+cache=${PGRPO_CACHE_DIR:-/cache}
+jobs=${PGRPO_JOBS_DIR:-/app/jobs}
+config=$jobs/$preset.yaml
+say() { echo "pgrpo-entrypoint: $*" >&2; }
+
+cmd=${1:-train}
+[ $# -gt 0 ] && shift
+
+case "$cmd" in
+train)
+    run=${PGRPO_RUN:-$preset-seed$seed}
+    dir=$runs/$run
+    # settings of this container (not of the experiment): re-applied on every start, resume included
+    set -- --metrics-port "${PGRPO_METRICS_PORT:-9400}" "$@"
+    if [ -n "${PGRPO_GRADER_SOCKET:-}" ]; then
+        set -- --set "grader_socket=$PGRPO_GRADER_SOCKET" "$@"
+    fi
+    if ls "$dir"/ckpt_*.safetensors >/dev/null 2>&1; then
+        say "resuming $dir from its last checkpoint"
+        exec pgrpo train --resume "$dir" "$@"
+    fi
+    [ -f "$config" ] || { say "no preset $config (PGRPO_PRESET=$preset)"; exit 2; }
+    if [ -n "${PGRPO_VHACK:-}" ]; then
+        set -- --set "arm.vhack_path=$PGRPO_VHACK" "$@"
+    fi
+    say "new run $dir (preset $preset, seed $seed)"
+    exec pgrpo train --config "$config" --out "$dir" --set "seed=$seed" --set "run_name=$run" \
+        --set "adapter.svd_cache_dir=$cache/svd" "$@"
+    ;;
+extract)
+    [ -f "$config" ] || { say "no preset $config (PGRPO_PRESET=$preset)"; exit 2; }
+    out=${PGRPO_VHACK:-/vhack/vhack.safetensors}
+    mkdir -p "$(dirname "$out")"
+    say "v_hack for preset $preset -> $out"
+    # the preset's own seed on purpose: both arms (any SEED) share one v_hack, as in jobs/sweep-full.yaml
+    exec pgrpo extract --config "$config" --out "$out" --set "adapter.svd_cache_dir=$cache/svd" "$@"
+    ;;
+*)
+    exec pgrpo "$cmd" "$@"
+    ;;
+esac
