@@ -125,7 +125,7 @@ class LocalGrader:
         self._log_path = os.path.join(log_dir, f"grader-{os.getpid()}-{id(self)}.log")
         self._log = open(self._log_path, "w+b")
         argv = [sys.executable, "-m", "pgrpo", "grader", "serve", "--socket", self.socket_path,
-                "--workers", str(self.workers)] + self.extra_args
+                "--workers", str(self.workers), "--exit-with-parent"] + self.extra_args
         if self.time_limit is not None:
             argv += ["--time-limit", str(self.time_limit)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,

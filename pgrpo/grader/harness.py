@@ -435,6 +435,10 @@ def main():
         if job is None:
             return
         seq += 1
+        if not cfg.get("sweep", False):
+            # no pid namespace and no uid of our own: a process the job left behind could not be swept
+            # up and would share the grader's uid, so the job may not create processes at all
+            job["nproc"] = 1
         try:
             reply = run_job(job, base, seq, cfg.get("sweep", False))
         except Exception as e:   # a zygote bug must still answer

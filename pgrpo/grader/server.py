@@ -277,6 +277,8 @@ def cli(argv):
     sp.add_argument("--time-limit", type=float, default=None, help="seconds per problem run (default 10)")
     sp.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST / (1 << 20))
     sp.add_argument("--no-bwrap", action="store_true", help="do not use bubblewrap even if installed")
+    sp.add_argument("--exit-with-parent", action="store_true",
+                    help="shut down when the process that started us dies (LocalGrader sets this)")
     args = ap.parse_args(argv)
     if args.cmd != "serve":
         raise UserError("say `pgrpo grader serve --socket PATH [--workers N]`.")
@@ -297,6 +299,14 @@ def cli(argv):
         threading.Thread(target=srv.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
+    if args.exit_with_parent:   # a trainer killed with SIGKILL must not leave its grader behind
+        parent = os.getppid()
+
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            srv.shutdown()
+        threading.Thread(target=watch, daemon=True, name="parent-watch").start()
     h = srv.health()
     print(f"pgrpo grader: serving on {args.socket} with {h['workers']} workers "
           f"(bwrap={h['sandbox']['bwrap']}, sandbox uid={h['sandbox']['uid']}, "
