@@ -220,25 +220,35 @@ def has_checkpoint(run_dir):
     return checkpoint_step(run_dir) is not None
 
 
-def is_finished(run, steps=None):
+def is_finished(run, steps=None, need_marker=False):
     """Finished = the sweep marked it done, or the trainer wrote its final checkpoint (ckpt at step `steps`;
     the trainer always checkpoints the last step). Metrics alone do not count: a run killed between logging
-    its last step and saving the final checkpoint is resumed, which redoes that step."""
+    its last step and saving the final checkpoint is resumed, which redoes that step. With an after_run hook
+    (need_marker) only the sweep's marker counts, so a failed hook is retried (the trainer's --resume of a
+    complete run is a no-op)."""
     if os.path.isfile(os.path.join(run["dir"], DONE_FILE)):
         return True
+    if need_marker:
+        return False
     steps = planned_steps(run) if steps is None else steps
     last = checkpoint_step(run["dir"])
     return last is not None and last >= steps
 
 
 def _pid_alive(pid):
+    """True if `pid` is a live process that is one of ours (a recycled pid of another program is not)."""
     try:
         os.kill(pid, 0)
-    except (ProcessLookupError, TypeError):
+    except (ProcessLookupError, TypeError, OverflowError):
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            cmd = f.read()
+        return b"pgrpo" in cmd or os.fsencode(sys.executable) in cmd
+    except OSError:
+        return True
 
 
 class State:
@@ -441,10 +451,15 @@ def run_sweep(sw, dry_run=False, log=print):
     state = State(sw) if not dry_run else None
     todo = []
     for run in runs:
-        if is_finished(run):
+        if is_finished(run, need_marker=bool(sw["after_run"])):
             log(f"{run['name']}: finished, skipped")
             if state and state.get(run["name"]).get("status") != "done":
                 state.set(run["name"], status="done", arm=run["arm"], seed=run["seed"], dir=run["dir"])
+            continue
+        rec = state.get(run["name"]) if state else {}
+        if rec.get("status") == "running" and _pid_alive(rec.get("pid")):
+            # A sweep killed hard leaves its children running (own session); never start a run twice.
+            log(f"{run['name']}: still running as pid {rec['pid']} from an earlier sweep; not started again")
             continue
         todo.append(run)
     if dry_run:
@@ -514,7 +529,7 @@ def run_sweep(sw, dry_run=False, log=print):
     finally:
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, prev)
-    n_done = sum(1 for r in runs if is_finished(r))
+    n_done = sum(1 for r in runs if is_finished(r, need_marker=bool(sw["after_run"])))
     log(f"sweep: {n_done}/{len(runs)} runs finished, {len(failed)} failed"
         + (f" ({', '.join(failed)}); rerun the same command to retry/resume them" if failed else ""))
     return len(failed)
@@ -534,7 +549,7 @@ def status_rows(sw):
         logged = logged_steps(run["dir"])
         ck = checkpoint_step(run["dir"])
         finished = os.path.isfile(os.path.join(run["dir"], DONE_FILE)) or (
-            steps is not None and ck is not None and ck >= steps)
+            not sw["after_run"] and steps is not None and ck is not None and ck >= steps)
         st = rec.get("status")
         if finished:
             status = "done"
