@@ -199,3 +199,20 @@ def test_sweep_one_run_per_gpu(tmp_path):
     a, b = runs["vanilla-s0"], runs["vanilla-s1"]
     assert a["started"] < b["ended"] and b["started"] < a["ended"]     # they overlapped in time
     assert os.path.exists(out / "vanilla-s0" / "SWEEP_DONE")
+
+
+def test_after_run_failure_is_retried(tmp_path):
+    # With an after_run hook, a run whose training finished but whose hook did not succeed is not skipped.
+    preset = tiny_preset(tmp_path, steps=3)
+    cfg = sweep_yaml(tmp_path, preset, seeds=[0], after_run=["{python}", "-c", "pass"])
+    sw = S.load_sweep(cfg)
+    run = S.plan(sw)[0]
+    fake_run(run["dir"], ckpt_steps=(3,), metric_steps=(1, 2, 3))
+    assert S.is_finished(run) and not S.is_finished(run, need_marker=True)
+    lines = []
+    S.run_sweep(sw, dry_run=True, log=lines.append)
+    assert "would run: " + " ".join(S.train_argv(run)) in lines and "--resume" in S.train_argv(run)
+    open(os.path.join(run["dir"], S.DONE_FILE), "w").close()
+    lines = []
+    S.run_sweep(sw, dry_run=True, log=lines.append)
+    assert lines[0] == "vanilla-s0: finished, skipped"
