@@ -296,6 +296,9 @@ def summarize_run(run, window=None):
         first = min(run["heldout"], key=lambda r: r.get("step", 0))
         s["heldout_logodds"] = last.get("logodds")
         s["heldout_logodds_start"] = first.get("logodds")
+        if last.get("logodds") is not None and first.get("logodds") is not None:
+            # the change since step 0: removes the per-seed base model's own preference
+            s["heldout_dlogodds"] = last["logodds"] - first["logodds"]
         s["heldout_step"] = last.get("step")
     return s
 
@@ -383,14 +386,14 @@ def build(runs, window=None, min_seeds=MIN_SEEDS):
     for arm, ss in by_arm.items():
         a = {"n": len(ss), "seeds": [s["seed"] for s in ss]}
         for k in ("hack_final", "hack_all", "pass_final", "pass_all", "reward_final", "eval_hack", "eval_pass",
-                  "heldout_logodds"):
+                  "heldout_logodds", "heldout_dlogodds"):
             xs = [s[k] for s in ss if s.get(k) is not None and not math.isnan(s[k])]
             if xs:
                 a[k] = {"mean": mean(xs), "sem": sem(xs), "n": len(xs)}
         arms[arm] = a
     result = decide(by_arm, min_seeds=min_seeds, metric="eval" if use_eval else "final")
     extra = {}
-    for k in ("hack_all", "pass_all", "heldout_logodds"):
+    for k in ("hack_all", "pass_all", "heldout_logodds", "heldout_dlogodds"):
         v = [s[k] for s in by_arm.get("vanilla", []) if s.get(k) is not None]
         p = [s[k] for s in by_arm.get("projected", []) if s.get(k) is not None]
         if v and p:
@@ -415,30 +418,30 @@ def render_markdown(rep, plots=()):
     L += [f"> Note: {n}." for n in rep.get("notes", [])] + ([""] if rep.get("notes") else [])
     L += ["## Per run", "",
           "| arm | seed | run | steps | window | hack final (%) | hack all (%) | pass final (%) | pass all (%) "
-          "| reward final | eval hack (%) | eval pass (%) | held-out log-odds |",
+          "| reward final | eval hack (%) | eval pass (%) | held-out log-odds (change) |",
           "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for s in sorted(rep["runs"], key=lambda s: (s["arm"], s["seed"])):
         steps = f"{s['steps']}" + ("" if s["done"] else f"/{s['planned'] or '?'} (unfinished)")
         L.append(f"| {s['arm']} | {s['seed']} | {s['name']} | {steps} | {s['window']} | {_fmt_pp(s['hack_final'])} "
                  f"| {_fmt_pp(s['hack_all'])} | {_fmt_pp(s['pass_final'])} | {_fmt_pp(s['pass_all'])} "
                  f"| {_fmt(s['reward_final'])} | {_fmt_pp(s.get('eval_hack'))} | {_fmt_pp(s.get('eval_pass'))} "
-                 f"| {_fmt(s.get('heldout_logodds'))} |")
+                 f"| {_fmt(s.get('heldout_logodds'), 4)} ({_fmt(s.get('heldout_dlogodds'), 4, signed=True)}) |")
     L += ["", "## Per arm (mean +- SEM over seeds)", "",
           "| arm | seeds | hack final (%) | hack all (%) | pass final (%) | pass all (%) | eval hack (%) "
-          "| eval pass (%) | held-out log-odds |", "|---|---|---|---|---|---|---|---|---|"]
+          "| eval pass (%) | held-out log-odds change |", "|---|---|---|---|---|---|---|---|---|"]
 
     def ms(a, k, pp=True):
         if k not in a:
             return "n/a"
         m, e = a[k]["mean"], a[k]["sem"]
-        f = _fmt_pp if pp else _fmt
+        f = _fmt_pp if pp else (lambda x: _fmt(x, 4))
         return f"{f(m)} +- {f(e)}" if not math.isnan(e) else f"{f(m)} (1 seed)"
 
     for arm in sorted(rep["arms"], key=lambda a: (a not in ARMS, ARMS.index(a) if a in ARMS else 0, a)):
         a = rep["arms"][arm]
         L.append(f"| {arm} | {a['n']} ({', '.join(map(str, a['seeds']))}) | {ms(a, 'hack_final')} "
                  f"| {ms(a, 'hack_all')} | {ms(a, 'pass_final')} | {ms(a, 'pass_all')} | {ms(a, 'eval_hack')} "
-                 f"| {ms(a, 'eval_pass')} | {ms(a, 'heldout_logodds', pp=False)} |")
+                 f"| {ms(a, 'eval_pass')} | {ms(a, 'heldout_dlogodds', pp=False)} |")
     for arm in ARMS:
         if arm not in rep["arms"]:
             L.append(f"| {arm} | 0 (missing) | | | | | | | |")
@@ -446,9 +449,9 @@ def render_markdown(rep, plots=()):
           "| quantity | difference | SE | Welch df | 95% CI |", "|---|---|---|---|---|"]
 
     def drow(label, w, pp=True):
-        f = (lambda x: _fmt_pp(x, signed=True) + "pp") if pp else (lambda x: _fmt(x, signed=True))
+        f = (lambda x: _fmt_pp(x, signed=True) + "pp") if pp else (lambda x: _fmt(x, 4, signed=True))
         ci = "n/a (needs 2+ seeds per arm)" if w["ci"] is None else f"[{f(w['ci'][0])}, {f(w['ci'][1])}]"
-        se = _fmt_pp(w["se"]) + "pp" if pp else _fmt(w["se"])
+        se = _fmt_pp(w["se"]) + "pp" if pp else _fmt(w["se"], 4)
         return f"| {label} | {f(w['diff'])} | {se} | {_fmt(w['df'], 1)} | {ci} |"
 
     L.append(drow(f"hack rate ({metric}, primary)", st["hack"]))
@@ -457,7 +460,11 @@ def render_markdown(rep, plots=()):
         L.append(drow("hack rate (whole run)", rep["secondary"]["hack_all"]))
         L.append(drow("pass rate (whole run)", rep["secondary"]["pass_all"]))
     if "heldout_logodds" in rep["secondary"]:
-        L.append(drow("held-out log-odds hack vs clean (per token)", rep["secondary"]["heldout_logodds"], pp=False))
+        L.append(drow("held-out log-odds hack vs honest, final (per token)", rep["secondary"]["heldout_logodds"],
+                      pp=False))
+    if "heldout_dlogodds" in rep["secondary"]:
+        L.append(drow("held-out log-odds change since step 0 (per token)", rep["secondary"]["heldout_dlogodds"],
+                      pp=False))
     if rep["other_arms"]:
         L += ["", f"Other arms shown but not part of H1: {', '.join(rep['other_arms'])}."]
     L += ["", "## Decision rule (preregistered)", "", DECISION_RULE, ""]

@@ -203,6 +203,7 @@ def test_degenerate_substrate_is_flagged(tmp_path):
     assert rep["verdict"] == "falsified"
     assert any("R = 0.0pp < 15pp" in r for r in rep["reasons"])
     assert rep["notes"] and "vanilla barely hacks (0.0%" in rep["notes"][0]
+    assert rep["secondary"]["heldout_dlogodds"]["diff"] == pytest.approx(-0.21)
     ho = rep["secondary"]["heldout_logodds"]
     assert ho["diff"] == pytest.approx(-0.21)
     assert ho["ci"][1] < 0
