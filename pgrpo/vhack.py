@@ -50,35 +50,39 @@ def _encode(tokenizer, text: str) -> list:
     return list(tokenizer.encode(text))  # pgrpo.model tokenizers add no special tokens here
 
 
-def completion_grad(model, adapter, tokenizer, prompt, completion: str, max_tokens: int | None = None) -> torch.Tensor:
-    """d(mean-token NLL of `completion` given `prompt`)/d(delta), fp32 [R], from one isolated backward.
-
-    The completion ends with EOS (as a sampled one would). `max_tokens` truncates the prompt from the left
-    (the completion is what we measure and is kept whole). Adapter grads are cleared before and after, so
-    this never mixes with, or leaves anything in, a training step's accumulation.
-    """
-    device = adapter.delta.device
+def _completion_nll(model, tokenizer, prompt, completion: str, max_tokens: int | None, device) -> torch.Tensor:
+    """Mean-token NLL of `completion` (+ EOS, as a sampled one would end) after the rendered `prompt`.
+    `max_tokens` truncates the prompt from the left; the completion is what we measure and stays whole."""
     p_ids = _encode(tokenizer, _prompt_text(tokenizer, prompt))
     c_ids = _encode(tokenizer, completion)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None:
         c_ids = c_ids + [int(eos)]
-    if not c_ids:
+    if not completion:
         raise UserError("an extraction completion is empty.")
     if max_tokens is not None and len(p_ids) + len(c_ids) > max_tokens:
-        keep = max(1, max_tokens - len(c_ids))
-        p_ids = p_ids[-keep:]
+        p_ids = p_ids[-max(1, max_tokens - len(c_ids)):]
     ids = torch.tensor([p_ids + c_ids], dtype=torch.long, device=device)
-    labels = ids.clone()
-    labels[:, : len(p_ids)] = -100  # score only the completion
+    logits = model(input_ids=ids, use_cache=False).logits[0, len(p_ids) - 1:-1].float()
+    return torch.nn.functional.cross_entropy(logits, ids[0, len(p_ids):], reduction="mean")
+
+
+@torch.no_grad()
+def completion_nll(model, adapter, tokenizer, prompt, completion: str, max_tokens: int | None = None) -> float:
+    """The mean-token NLL that `completion_grad` differentiates (no grad), at the adapter's current knob."""
+    return float(_completion_nll(model, tokenizer, prompt, completion, max_tokens, adapter.delta.device))
+
+
+def completion_grad(model, adapter, tokenizer, prompt, completion: str, max_tokens: int | None = None) -> torch.Tensor:
+    """d(mean-token NLL of `completion` given `prompt`)/d(delta), fp32 [R], from one isolated backward.
+
+    Adapter grads are cleared before and after, so this never mixes with, or leaves anything in, a
+    training step's accumulation. Merged mode needs merged weights that match the knob (run_extraction
+    makes sure of that).
+    """
     adapter.zero_grad()
     with torch.enable_grad():
-        out = model(input_ids=ids, use_cache=False)
-        logits = out.logits[:, :-1].float()
-        tgt = labels[:, 1:]
-        nll = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), tgt.reshape(-1),
-                                                ignore_index=-100, reduction="mean")
-        nll.backward()
+        _completion_nll(model, tokenizer, prompt, completion, max_tokens, adapter.delta.device).backward()
     g = adapter.collect_grad().detach().float().clone()
     adapter.zero_grad()
     return g
@@ -288,24 +292,25 @@ class Extraction:
     seconds: float = 0.0
 
 
-def _hack_knob_off(adapter):
-    """Route arm: extraction sees the deployed policy, so the quarantine knob is switched off meanwhile."""
-    class _Ctx:
-        def __enter__(self):
-            self.prev = getattr(adapter, "hack_enabled", None)
-            if getattr(adapter, "delta_hack", None) is not None and self.prev:
-                adapter.hack_enabled = False
-            if getattr(adapter, "mode", None) == "merged":
-                adapter.merge()
-            return self
+class _hack_knob_off:
+    """Route arm: extraction sees the deployed policy, so the quarantine knob is switched off meanwhile
+    (the adapter re-merges on each toggle). Also makes sure merged weights match the current knob."""
 
-        def __exit__(self, *exc):
-            if self.prev is not None and getattr(adapter, "hack_enabled", None) != self.prev:
-                adapter.hack_enabled = self.prev
-                if getattr(adapter, "mode", None) == "merged":
-                    adapter.merge()
-            return False
-    return _Ctx()
+    def __init__(self, adapter):
+        self.adapter = adapter
+        self.was_on = getattr(adapter, "delta_hack", None) is not None and adapter.hack_enabled
+
+    def __enter__(self):
+        if self.was_on:
+            self.adapter.hack_enabled = False
+        else:
+            self.adapter.merge()  # a no-op in factored mode
+        return self
+
+    def __exit__(self, *exc):
+        if self.was_on:
+            self.adapter.hack_enabled = True
+        return False
 
 
 def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.25, heldout: float = 0.0,
@@ -384,7 +389,7 @@ def load_vhack(path) -> tuple[dict, dict, dict]:
             order = json.loads(meta.get("modules", "[]")) or sorted(k[2:] for k in keys if k.startswith("V/"))
             V = {n: f.get_tensor(f"V/{n}").float() for n in order}
             S = {n: f.get_tensor(f"S/{n}").float() if f"S/{n}" in keys else torch.zeros(V[n].shape[0]) for n in order}
-    except (OSError, ValueError, RuntimeError, KeyError, json.JSONDecodeError) as e:
+    except Exception as e:  # safetensors raises its own error type for a bad header
         raise UserError(f"{path}: not a readable v_hack file ({e}).") from None
     return V, S, meta
 
@@ -423,14 +428,9 @@ def report_path(out) -> str:
 
 
 def resolve_device_dtype(cfg) -> tuple[str, str]:
-    """The trainer's rule: auto device = cuda if available; auto dtype = bfloat16 on cuda, float32 on cpu."""
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, dtype
+    """The trainer's rule (one definition, in pgrpo.train), so v_hack is extracted where training runs."""
+    from pgrpo.train import resolve_device_dtype as resolve
+    return resolve(cfg)
 
 
 def config_hash(cfg) -> str:
