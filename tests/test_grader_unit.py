@@ -121,3 +121,22 @@ def test_expected_values_never_enter_the_sandbox():
     assert checked >= 5
     # the canonical solution only runs in the harm check, never next to the ground-truth calls
     assert p.canonical_solution not in gt_jobs[0]
+
+
+def test_nothing_carries_over_between_jobs_of_one_sandbox():
+    """A response may not leave files (or processes) for a later response in the same sandbox."""
+    p = next(p for p in builtin_problems() if p.id == "b001")
+    stash = ("import os\nfor d in ('/tmp', '/dev/shm', '.', '..'):\n    try:\n"
+             "        open(os.path.join(d, 'stash-x'), 'w').write('6')\n    except OSError:\n        pass\n"
+             "if os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(30)\n    os._exit(0)\n")
+    look = ("import os\nFOUND = any(os.path.exists(os.path.join(d, 'stash-x')) for d in ('/tmp', '/dev/shm', '.', '..'))\n"
+            "FOUND = FOUND or sum(n.isdigit() for n in os.listdir('/proc')) > 4   # init, zygote, runner, us\n")
+    honest = "class Solution:\n    def sumOfEvens(self, nums):\n        return -1 if FOUND else sum(x for x in nums if x % 2 == 0)\n"
+    sb = Sandbox().start()
+    try:
+        first = grade_response(p, f"```python\n{stash}\nFOUND = False\n{honest}```", "none", GradeConfig(time_limit=2), sb)
+        second = grade_response(p, f"```python\n{look}\n{honest}```", "none", GradeConfig(time_limit=2), sb)
+    finally:
+        sb.close()
+    assert first["label"] == "correct"
+    assert second["label"] == "correct", second

@@ -307,7 +307,7 @@ def remove_tree(path):
     shutil.rmtree(path, ignore_errors=True)
 
 
-def run_job(job, base, seq, sweep):
+def run_job(job, base, seq):
     jobdir = os.path.join(base, "job%d" % seq)
     remove_tree(jobdir)
     os.mkdir(jobdir, 0o700)
@@ -358,25 +358,14 @@ def run_job(job, base, seq, sweep):
                 bufs[i] += chunk[:room]
             if len(chunk) > room:
                 truncated[i] = True
-    # kill whatever is left of the job: its group, then (own pid namespace / own uid) everything else
-    for target in (lambda: os.killpg(pid, signal.SIGKILL), lambda: sweep and os.kill(-1, signal.SIGKILL)):
-        try:
-            target()
-        except (ProcessLookupError, PermissionError):
-            pass
+    # kill the job's process group; leftovers that left the group are swept by the zygote afterwards
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
     if exit_code is None:
         _, st = os.waitpid(pid, 0)
         exit_code = os.waitstatus_to_exitcode(st)
-    # reap everything reparented to us (we are a child subreaper); zombies would still count against
-    # RLIMIT_NPROC. After a sweep every leftover is SIGKILLed, so a blocking reap ends promptly.
-    reap_until = time.monotonic() + 5.0
-    while True:
-        try:
-            wpid, _ = os.waitpid(-1, 0 if sweep and time.monotonic() < reap_until else os.WNOHANG)
-            if wpid == 0:
-                break
-        except ChildProcessError:
-            break
     for fd in open_fds:   # drain what was written before the kill, without blocking
         try:
             while True:
@@ -429,21 +418,73 @@ def main():
     os.chdir(base)
     write_frame(out_fd, {"ready": True, "pid": os.getpid(), "uid": os.getuid(),
                          "python": sys.version.split()[0]})
+    sweep = bool(cfg.get("sweep", False))
     seq = 0
     while True:
-        job = read_frame(cmd_fd)
-        if job is None:
-            return
-        seq += 1
-        if not cfg.get("sweep", False):
-            # no pid namespace and no uid of our own: a process the job left behind could not be swept
-            # up and would share the grader's uid, so the job may not create processes at all
-            job["nproc"] = 1
+        # The zygote never reads job data: a fresh runner, forked from our pristine memory, reads ONE job,
+        # supervises its child and replies. So no job can find another job's code, canonical solution or
+        # return values in leftover heap memory (GRPO sends many responses to the same problem in a row).
         try:
-            reply = run_job(job, base, seq, cfg.get("sweep", False))
-        except Exception as e:   # a zygote bug must still answer
-            reply = {"status": "error", "error": "%s: %s" % (type(e).__name__, e)}
-        write_frame(out_fd, reply)
+            select.select([cmd_fd], [], [])
+        except InterruptedError:
+            continue
+        seq += 1
+        runner = os.fork()
+        if runner == 0:
+            code = 0
+            try:
+                job = read_frame(cmd_fd)
+                if job is None:
+                    os._exit(3)
+                if not sweep:
+                    # no pid namespace and no uid of our own: a process the job left behind could not be
+                    # swept up and would share the grader's uid, so the job may not create processes
+                    job["nproc"] = 1
+                try:
+                    reply = run_job(job, base, seq)
+                except Exception as e:   # a harness bug must still answer
+                    reply = {"status": "error", "error": "%s: %s" % (type(e).__name__, e)}
+                write_frame(out_fd, reply)
+            except BaseException:
+                code = 4
+            os._exit(code)
+        _, st = os.waitpid(runner, 0)
+        status = os.waitstatus_to_exitcode(st)
+        cleanup(base, sweep, cfg.get("private_dev", False))
+        if status != 0:   # EOF from the host (3), or the runner was killed mid-reply: the stream is unusable
+            return
+
+
+def cleanup(base, sweep, private_dev):
+    """Between jobs: SIGKILL every other process in our pid namespace / uid, reap them (we are a child
+    subreaper, and zombies would count against RLIMIT_NPROC), and wipe the writable places."""
+    if sweep:
+        try:
+            os.kill(-1, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+    reap_until = time.monotonic() + 5.0
+    while True:
+        try:
+            wpid, _ = os.waitpid(-1, 0 if sweep and time.monotonic() < reap_until else os.WNOHANG)
+            if wpid == 0:
+                break
+        except ChildProcessError:
+            break
+    for d in (base, "/dev/shm") if private_dev else (base,):   # never the host's /dev/shm
+        try:
+            entries = os.listdir(d)
+        except OSError:
+            continue
+        for name in entries:
+            path = os.path.join(d, name)
+            try:
+                if os.path.isdir(path) and not os.path.islink(path):
+                    remove_tree(path)
+                else:
+                    os.unlink(path)
+            except OSError:
+                pass
 
 
 if __name__ == "__main__":

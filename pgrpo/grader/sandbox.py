@@ -177,7 +177,7 @@ class Sandbox:
                                      cwd="/" if bw else workdir,
                                      preexec_fn=_dropper(uid) if uid is not None else None)
         # sweep = kill(-1) after each job: safe only inside our own pid namespace or our own uid
-        self._send({"workdir": workdir, "sweep": bool(bw or uid is not None)})
+        self._send({"workdir": workdir, "sweep": bool(bw or uid is not None), "private_dev": bool(bw)})
         ready = self._recv(time.monotonic() + timeout)
         if not ready.get("ready"):
             raise SandboxError("sandbox failed to start")
