@@ -84,6 +84,17 @@ def _free_port():
         return s.getsockname()[1]
 
 
+def _sample(text, name, **labels):
+    """The value of one sample of a scraped /metrics page (labels run/arm/seed are matched loosely)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    for fam in text_string_to_metric_families(text):
+        for smp in fam.samples:
+            if smp.name == name and all(smp.labels.get(k) == v for k, v in labels.items()):
+                assert smp.labels["arm"] == "vanilla" and smp.labels["seed"] == "0"
+                return smp.value
+    raise AssertionError(f"{name}{labels} not in the scrape")
+
+
 def _read_rows(run_dir):
     import json
     with open(os.path.join(run_dir, "metrics.jsonl")) as f:
@@ -125,15 +136,17 @@ def test_fast_dev_run_end_to_end(fast_dev_run):
     names = sorted(f for f in os.listdir(r["dir"]) if f.startswith("ckpt_"))
     assert names == ["ckpt_000002.safetensors", "ckpt_000004.safetensors"]
     step, tensors, config, ck_rows = ckpt.load(os.path.join(r["dir"], names[-1]))
-    assert step == 4 and ck_rows == rows and config == C.to_dict(cfg)
+    expect_cfg = dict(C.to_dict(cfg), metrics_port=config["metrics_port"], metrics_linger_s=60.0)
+    assert step == 4 and ck_rows == rows and config == expect_cfg
     assert tensors["delta"].abs().sum() > 0 and "optim/0/exp_avg" in tensors
-    assert C.load(os.path.join(r["dir"], "config.yaml")) == cfg
+    assert C.to_dict(C.load(os.path.join(r["dir"], "config.yaml"))) == expect_cfg
     # Prometheus saw every step
-    assert 'pgrpo_step_phase_seconds_count{arm="vanilla",' in r["scrape"]
-    total = re.search(r'pgrpo_step_phase_seconds_count\{[^}]*phase="total"\} (\S+)', r["scrape"])
-    assert total and float(total.group(1)) == cfg.steps
-    assert re.search(r"pgrpo_steps_total\{[^}]*\} 4\.0", r["scrape"])
-    assert re.search(r'pgrpo_grader_requests_total\{[^}]*outcome="ok"\} 4\.0', r["scrape"])
+    assert _sample(r["scrape"], "pgrpo_step_phase_seconds_count", phase="total") == cfg.steps
+    assert _sample(r["scrape"], "pgrpo_step_phase_seconds_count", phase="gen") == cfg.steps
+    assert _sample(r["scrape"], "pgrpo_steps_total") == cfg.steps
+    assert _sample(r["scrape"], "pgrpo_grader_requests_total", outcome="ok") == cfg.steps
+    assert _sample(r["scrape"], "pgrpo_tokens_generated_total") == sum(row["tokens_generated"] for row in rows)
+    assert _sample(r["scrape"], "pgrpo_last_checkpoint_timestamp_seconds") > 0
 
 
 @pytest.mark.slow
