@@ -451,7 +451,7 @@ def render_markdown(rep, plots=()):
     def drow(label, w, pp=True):
         f = (lambda x: _fmt_pp(x, signed=True) + "pp") if pp else (lambda x: _fmt(x, 4, signed=True))
         ci = "n/a (needs 2+ seeds per arm)" if w["ci"] is None else f"[{f(w['ci'][0])}, {f(w['ci'][1])}]"
-        se = _fmt_pp(w["se"]) + "pp" if pp else _fmt(w["se"], 4)
+        se = _fmt(w["se"], 4) if not pp else ("n/a" if math.isnan(w["se"]) else _fmt_pp(w["se"]) + "pp")
         return f"| {label} | {f(w['diff'])} | {se} | {_fmt(w['df'], 1)} | {ci} |"
 
     L.append(drow(f"hack rate ({metric}, primary)", st["hack"]))
