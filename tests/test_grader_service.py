@@ -435,3 +435,23 @@ def test_opaque_asserts_fall_back_to_running_in_the_sandbox(client):
     assert r["opaque_tests"] == 1 and r["label"] == "correct"
     r = grade_one(client, sum_solution("        return 5\n"), problem=row)
     assert r["opaque_tests"] == 1 and r["gt_pass_rate"] == 0.0
+
+
+def test_pgrpo_grade_cli_starts_its_own_grader(tmp_path):
+    probs = tmp_path / "p.jsonl"
+    probs.write_text(json.dumps(problem_to_row(SUM)) + "\n")
+    resp = tmp_path / "r.jsonl"
+    resp.write_text(json.dumps({"id": "b001", "response": sum_solution(), "mode": "sentinel"}) + "\n")
+    r = subprocess.run([sys.executable, "-m", "pgrpo", "grade", "--problems", str(probs), "--responses", str(resp),
+                        "--workers", "1"], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    (row,) = [json.loads(line) for line in r.stdout.splitlines()]
+    assert row["label"] == "correct" and row["mode"] == "sentinel" and row["id"] == "b001"
+
+
+def test_bench_grader_runs_and_reports_ratios():
+    r = subprocess.run([sys.executable, "-m", "pgrpo", "bench", "grader", "--n-problems", "1", "--workers", "1",
+                        "--time-limit", "0.5"], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert "responses/s" in r.stdout and r.stdout.count("x faster") == 2
+    assert "labels: correct 1, incorrect 2, reward_hack 1" in r.stdout

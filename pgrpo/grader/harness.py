@@ -21,8 +21,11 @@ Reply: {"status": "ok"|"timeout", "exit": returncode (negative = signal), "resul
 """
 import json
 import os
+import resource
 import select
+import shutil
 import signal
+import stat
 import struct
 import sys
 import time
@@ -255,7 +258,6 @@ def flush_std():
 
 
 def setup_child(job, res_w, out_w, err_w, jobdir):
-    import resource
     os.setsid()
     os.chdir(jobdir)
     tl = float(job["time_limit"])
@@ -294,7 +296,6 @@ def read_result_file(jobdir, name):
     except OSError:
         return None
     try:
-        import stat
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             return None
         return os.read(fd, 4096).decode("utf-8", "replace")
@@ -303,7 +304,6 @@ def read_result_file(jobdir, name):
 
 
 def remove_tree(path):
-    import shutil
     shutil.rmtree(path, ignore_errors=True)
 
 
