@@ -353,10 +353,11 @@ def test_malformed_oversized_truncated_requests(grader):
 
 
 def test_client_retries_then_reports_unreachable(tmp_path):
-    c = GraderClient(str(tmp_path / "nobody.sock"), retries=2, backoff=0.01)
+    seen = []
+    c = GraderClient(str(tmp_path / "nobody.sock"), retries=2, backoff=0.01, on_outcome=seen.append)
     with pytest.raises(GraderError, match="unreachable after 3 tries"):
         c.health()
-    assert c.stats["retry"] == 2
+    assert c.stats["retry"] == 2 and seen == ["retry", "retry", "error"]
 
 
 def test_local_grader_restart(grader):

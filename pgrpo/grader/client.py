@@ -43,13 +43,20 @@ class GraderClient:
     jsonl row), "response", optional "mode" and "id". Connection failures and timeouts are retried
     `retries` times with backoff (grading is idempotent); an {"ok": false} reply raises GraderError."""
 
-    def __init__(self, socket_path, timeout=900.0, retries=2, backoff=0.5, connect_timeout=10.0):
+    def __init__(self, socket_path, timeout=900.0, retries=2, backoff=0.5, connect_timeout=10.0,
+                 on_outcome=None):
         self.socket_path = socket_path
+        self.on_outcome = on_outcome   # e.g. metrics.grader_request: called with ok|error|retry|timeout
         self.timeout = timeout
         self.retries = retries
         self.backoff = backoff
         self.connect_timeout = connect_timeout
         self.stats = {"ok": 0, "error": 0, "retry": 0, "timeout": 0}   # pgrpo_grader_requests_total outcomes
+
+    def _count(self, outcome):
+        self.stats[outcome] += 1
+        if self.on_outcome is not None:
+            self.on_outcome(outcome)
 
     def _call_once(self, req):
         body = json.dumps(req).encode("utf-8")
@@ -67,23 +74,23 @@ class GraderClient:
         last = None
         for attempt in range(self.retries + 1):
             if attempt:
-                self.stats["retry"] += 1
+                self._count("retry")
                 time.sleep(self.backoff * (2 ** (attempt - 1)))
             try:
                 reply = self._call_once(req)
             except socket.timeout as e:
-                self.stats["timeout"] += 1
+                self._count("timeout")
                 last = e
                 continue
             except (OSError, ConnectionError, ValueError, struct.error) as e:
                 last = e
                 continue
             if not reply.get("ok"):
-                self.stats["error"] += 1
+                self._count("error")
                 raise GraderError(str(reply.get("error", "grader refused the request")))
-            self.stats["ok"] += 1
+            self._count("ok")
             return reply
-        self.stats["error"] += 1
+        self._count("error")
         raise GraderError(f"grader at {self.socket_path} unreachable after {self.retries + 1} tries: "
                           f"{type(last).__name__}: {last}")
 

@@ -138,7 +138,8 @@ def _read_exact(fd, n, deadline):
 
 class Sandbox:
     """One zygote. `run(job)` sends a job and returns the zygote's reply dict; raises SandboxError if the
-    zygote crashed/hung (the zygote is then dead; call `start()` again or let the worker restart it)."""
+    zygote crashed/hung (the zygote is then dead; call `start()` again or let the worker restart it).
+    Start it from a thread that outlives it: bwrap's --die-with-parent follows the starting thread."""
 
     def __init__(self, slot=0, use_bwrap="auto", tmp_mb=64):
         self.slot = slot

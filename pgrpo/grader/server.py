@@ -154,7 +154,7 @@ class GraderServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         info = self.workers[0].sandbox.info if self.workers else {}
         return {"ok": True, "workers": len(self.workers),
                 "alive": sum(w.sandbox.alive() for w in self.workers),
-                "sandbox_pids": [w.sandbox.proc.pid if w.sandbox.proc else None for w in self.workers],
+                "sandbox_pids": [getattr(w.sandbox.proc, "pid", None) for w in self.workers],
                 "restarts": sum(max(0, w.restarts) for w in self.workers),
                 "sandbox": {k: info.get(k) for k in ("bwrap", "uid", "python", "python_version")},
                 "queue": self.queue.qsize(), "uptime_s": round(time.time() - self.started, 1),
