@@ -331,6 +331,10 @@ def test_malformed_oversized_truncated_requests(grader):
         assert "mode" in recv_reply(s)["error"]
         send(s, json.dumps({"op": "grade", "items": "nope"}).encode())
         assert recv_reply(s)["ok"] is False
+        send(s, json.dumps({"op": "grade", "items": [], "config": {"time_limit": "soon"}}).encode())
+        assert "time_limit" in recv_reply(s)["error"]
+        send(s, json.dumps({"op": "grade", "items": []}).encode())
+        assert recv_reply(s) == {"ok": True, "results": []}
         send(s, json.dumps({"op": "health"}).encode())
         assert recv_reply(s)["ok"] is True
     with raw(path) as s:   # oversized length prefix

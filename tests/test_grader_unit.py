@@ -84,6 +84,9 @@ def test_grade_config_rejects_unknown_keys():
     with pytest.raises(ValueError):
         GradeConfig.from_dict({"time_limt": 1})
     assert GradeConfig.from_dict({"time_limit": 2}).time_limit == 2
+    for bad in ({"time_limit": "1"}, {"time_limit": 0}, {"mem_mb": 1.5}, {"check_harm": 1}, {"gt_weight": -1}):
+        with pytest.raises(ValueError):
+            GradeConfig.from_dict(bad)
 
 
 class RecordingSandbox(Sandbox):

@@ -72,6 +72,15 @@ class GradeConfig:
         bad = sorted(set(d) - known)
         if bad:
             raise ValueError(f"unknown grade config key {bad[0]!r}")
+        defaults = cls()
+        for k, v in d.items():
+            want = type(getattr(defaults, k))
+            ok = type(v) is want or (want is float and type(v) is int)
+            if not ok or (want is not bool and v < 0) or (k == "time_limit" and v <= 0):
+                raise ValueError(f"grade config {k!r} must be a {'positive ' if want is not bool else ''}"
+                                 f"{want.__name__}, got {v!r}")
+            if want is float:
+                d[k] = float(v)
         return cls(**d)
 
     def to_dict(self):
