@@ -1,0 +1,114 @@
+"""`pgrpo bench step`: what one training step costs, and why the trainer generates the way it does.
+
+In one run on the embedded tiny model (or any `--model`):
+1. generation with the merged weights vs the factored adapter (two extra skinny matmuls per adapted Linear
+   per token), both with the KV cache on;
+2. generation with the KV cache on vs off (merged);
+3. the phase breakdown of real training steps (`fast-dev-run` preset by default: real grader, real loss),
+   read from the run's metrics rows.
+Greedy decoding for the generation timings, so every variant produces the same number of tokens.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+
+import torch
+
+from pgrpo.errors import UserError
+
+
+def _build(model_name, mode, device, dtype, seed, delta_scale):
+    from pgrpo.adapter import SVDAdapter
+    from pgrpo.model import load_model
+    model, tok = load_model(model_name, dtype=dtype, device=device, seed=seed)
+    ad = SVDAdapter(model, mode=mode, cache_dir=".cache/svd")
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():  # a nonzero knob, so the factored path does real work and merged != W0
+        ad.delta.copy_(delta_scale * torch.randn(ad.R, generator=g).to(ad.delta.device))
+    ad.merge()
+    return model, tok, ad
+
+
+def _time_generate(model, ids, attn, new_tokens, use_cache, repeats, pad_id):
+    best, out = float("inf"), None
+    for _ in range(repeats):
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            out = model.generate(input_ids=ids, attention_mask=attn, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                 do_sample=False, temperature=None, top_p=None, top_k=None, use_cache=use_cache,
+                                 pad_token_id=pad_id)
+        if ids.is_cuda:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best, out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="pgrpo bench step", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--model", default="tiny", help="model name or path (default: the embedded tiny model)")
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batch", type=int, default=12, help="sequences per generate call (default 12 = 3 groups x G 4)")
+    ap.add_argument("--prompt-len", type=int, default=256)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3, help="best of N per timing")
+    ap.add_argument("--config", default="jobs/fast-dev-run.yaml", help="preset for the step breakdown")
+    ap.add_argument("--steps", type=int, default=2, help="training steps for the breakdown (0 = skip)")
+    a = ap.parse_args(argv)
+    if min(a.batch, a.prompt_len, a.new_tokens, a.repeats) < 1 or a.steps < 0:
+        raise UserError("--batch, --prompt-len, --new-tokens and --repeats must be >= 1 and --steps >= 0.")
+    device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
+
+    print(f"bench step: model {a.model} on {device}/{dtype}, generate {a.batch} x ({a.prompt_len} prompt + "
+          f"{a.new_tokens} new) tokens, greedy, best of {a.repeats}", flush=True)
+    model_m, tok, _ = _build(a.model, "merged", device, dtype, 0, 0.02)
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(0, 256, (a.batch, a.prompt_len), generator=g).to(device)
+    attn = torch.ones_like(ids)
+    pad = tok.pad_token_id
+    new = a.batch * a.new_tokens
+
+    t_m, out_m = _time_generate(model_m, ids, attn, a.new_tokens, True, a.repeats, pad)
+    print(f"gen merged   cache=on : {t_m:7.3f}s  {new / t_m:8.0f} tok/s", flush=True)
+    t_nc, _ = _time_generate(model_m, ids, attn, a.new_tokens, False, a.repeats, pad)
+    print(f"gen merged   cache=off: {t_nc:7.3f}s  {new / t_nc:8.0f} tok/s", flush=True)
+    del model_m
+    model_f, _, _ = _build(a.model, "factored", device, dtype, 0, 0.02)
+    t_f, out_f = _time_generate(model_f, ids, attn, a.new_tokens, True, a.repeats, pad)
+    print(f"gen factored cache=on : {t_f:7.3f}s  {new / t_f:8.0f} tok/s", flush=True)
+    del model_f
+    same = float((out_m == out_f).float().mean())
+    print(f"RATIO factored/merged generation = {t_f / t_m:.2f}x  (greedy tokens identical: {same:.1%})")
+    print(f"RATIO cache-off/cache-on generation = {t_nc / t_m:.2f}x")
+
+    if a.steps:
+        from pgrpo import config as C
+        from pgrpo.train import train
+        import json
+        cfg = C.load(a.config, [f"steps={a.steps}", "checkpoint_every=0", "metrics_port=0", f"device={device}",
+                                f"dtype={dtype}"])
+        with tempfile.TemporaryDirectory(prefix="pgrpo-bench-step-") as d:
+            run = os.path.join(d, "run")
+            t0 = time.perf_counter()
+            train(cfg, run)
+            wall = time.perf_counter() - t0
+            with open(os.path.join(run, "metrics.jsonl")) as f:
+                rows = [json.loads(line) for line in f]
+        phases = ("gen", "fwd_bwd", "reward", "project", "optim", "total")
+        mean = {p: sum(r["timing"][p] for r in rows) / len(rows) for p in phases}
+        print(f"STEP {os.path.basename(a.config)} x {len(rows)} steps ({cfg.data.prompts_per_step} prompts x G "
+              f"{cfg.rollout.group_size}, {cfg.rollout.max_new_tokens} max new tokens), mean seconds per step: "
+              + " ".join(f"{p}={mean[p]:.3f}" for p in phases))
+        print("STEP share of total: " + " ".join(f"{p}={mean[p] / mean['total']:.0%}" for p in phases[:-1])
+              + f"  (whole run incl. startup {wall:.1f}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
