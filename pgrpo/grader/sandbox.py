@@ -85,7 +85,8 @@ def bwrap_works(python, drop_uid):
     if key not in _BWRAP_OK:
         ok = False
         if shutil.which("bwrap"):
-            argv = bwrap_argv(python, 1 << 20) + [python, "-I", "-S", "-c", "pass"]
+            argv = bwrap_argv(python, 1 << 20, os.geteuid() == 0 and drop_uid is None) + \
+                [python, "-I", "-S", "-c", "pass"]
             try:
                 r = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, timeout=20,
                                    preexec_fn=_dropper(drop_uid) if drop_uid is not None else None)
@@ -96,9 +97,11 @@ def bwrap_works(python, drop_uid):
     return _BWRAP_OK[key]
 
 
-def bwrap_argv(python, tmp_bytes):
+def bwrap_argv(python, tmp_bytes, as_root=False):
     argv = ["bwrap", "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--disable-userns",
             "--ro-bind", "/usr", "/usr"]
+    if as_root:   # bwrap keeps capabilities for a privileged caller unless told otherwise
+        argv += ["--cap-drop", "ALL"]
     for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
         if os.path.islink(top):
             argv += ["--symlink", os.readlink(top), top]
@@ -161,7 +164,7 @@ class Sandbox:
         if bw == "auto":
             bw = bwrap_works(python, uid)
         if bw:
-            argv = bwrap_argv(python, self.tmp_mb << 20)
+            argv = bwrap_argv(python, self.tmp_mb << 20, as_root=os.geteuid() == 0 and uid is None)
             workdir = "/tmp"
         else:
             argv = []
