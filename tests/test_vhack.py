@@ -17,6 +17,15 @@ from pgrpo.model import ByteTokenizer, build_tiny_model
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """The tiny model's ops are too small for intra-op threads (see `pgrpo extract --threads`)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
 def pairs():
     return load_pairs()
