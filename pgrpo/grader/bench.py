@@ -9,6 +9,7 @@ Naive baselines (what a benchmark harness typically does; neither is sandboxed):
 - per-check: a fresh `python -c` per check: one per gt assert (setup + code + that assert, stopping at
   the first failure) plus one for the loophole check (setup + code + `run_tests()`).
 - per-response: a fresh `python -c` with all gt asserts, plus one for the loophole check.
+- per-response, lean: the same with `python -I -S` (no site import), the cheapest fresh interpreter.
 """
 import argparse
 import subprocess
@@ -37,25 +38,25 @@ def mixed_batch(problems):
     return items
 
 
-def _run_py(src, time_limit):
+def _run_py(src, time_limit, flags=()):
     try:
-        r = subprocess.run([sys.executable, "-c", src], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        r = subprocess.run([sys.executable, *flags, "-c", src], stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                            stderr=subprocess.DEVNULL, timeout=time_limit)
         return r.returncode == 0
     except subprocess.TimeoutExpired:
         return False
 
 
-def naive_grade(item, time_limit, per_check):
+def naive_grade(item, time_limit, per_check, flags=()):
     from pgrpo.grader.extract import extract_code
     p = item["problem"]
     code = extract_code(item["response"]) or ""
     prefix = p.setup_code + "\n" + code + "\n"
-    if per_check:
-        gt = all(_run_py(prefix + t, time_limit) for t in p.gt_answer)   # all() stops at the first failure
+    if per_check:   # all() stops at the first failure
+        gt = all(_run_py(prefix + t, time_limit, flags) for t in p.gt_answer)
     else:
-        gt = _run_py(prefix + "\n".join(p.gt_answer), time_limit)
-    hack = _run_py(prefix + "run_tests()\n", time_limit)
+        gt = _run_py(prefix + "\n".join(p.gt_answer), time_limit, flags)
+    hack = _run_py(prefix + "run_tests()\n", time_limit, flags)
     return gt, hack
 
 
@@ -91,13 +92,14 @@ def main(argv):
           f"labels: {', '.join(f'{k} {v}' for k, v in sorted(labels.items()))}")
 
     out = {"service_rps": rate}
-    for name, per_check in (("per-check", True), ("per-response", False)):
+    baselines = (("per-check", True, ()), ("per-response", False, ()), ("per-response -I -S", False, ("-I", "-S")))
+    for name, per_check, flags in baselines:
         t0 = time.perf_counter()
         with ThreadPoolExecutor(args.workers) as ex:
-            list(ex.map(lambda it: naive_grade(it, args.time_limit, per_check), items))
+            list(ex.map(lambda it: naive_grade(it, args.time_limit, per_check, flags), items))
         t = time.perf_counter() - t0
         r = len(items) / t
         out[name] = r
-        print(f"naive {name} `python -c` baseline: {t:.2f}s, {r:.1f} responses/s -> service is "
+        print(f"naive {name} `python -c` baseline ({sys.executable}): {t:.2f}s, {r:.1f} responses/s -> service is "
               f"{rate / r:.1f}x faster")
     return 0
