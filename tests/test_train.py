@@ -405,3 +405,45 @@ def test_data_order_is_a_seeded_permutation_per_epoch():
     o = data_order(10, 4, 5, seed=3)
     assert len(o) == 20 and sorted(o[:10].tolist()) == list(range(10)) and sorted(o[10:].tolist()) == list(range(10))
     assert (o == data_order(10, 4, 5, seed=3)).all() and not (o == data_order(10, 4, 5, seed=4)).all()
+
+
+def test_route_run_with_vhack_refresh(tmp_path, monkeypatch):
+    """A short route-arm run in process: v_hack re-extracted after step 1 with the quarantine knob off
+    (observed by a spy around the real extractor), overlap logged, the refreshed basis checkpointed."""
+    import json
+    from pgrpo import train as T
+    from pgrpo import vhack
+    from pgrpo.adapter import SVDAdapter
+    from pgrpo.data.pairs import load_pairs
+    from pgrpo.model import load_model
+    model, _ = load_model("tiny", "float32", "cpu", seed=0)
+    ad = SVDAdapter(model, mode="merged")
+    g = torch.Generator().manual_seed(0)
+    V = {n: torch.linalg.qr(torch.randn(r, 2, generator=g))[0].T.contiguous() for n, r in zip(ad.names, ad.ranks)}
+    vpath = str(tmp_path / "v.safetensors")
+    vhack.save_vhack(vpath, V, {n: torch.ones(2) for n in V}, {"k": "2", "cut": "0.0"})
+    pairs_path = str(tmp_path / "pairs.json")
+    with open(pairs_path, "w") as f:
+        json.dump(load_pairs()[:3], f)
+
+    seen = []
+    real = vhack.extract_vhack
+
+    def spy(model, adapter, tok, pairs, **kw):
+        seen.append({"hack_enabled": adapter.hack_enabled, "hack_norm": float(adapter.delta_hack.detach().norm()),
+                     "knob_equals_delta": torch.equal(adapter.knob(), adapter.delta)})
+        return real(model, adapter, tok, pairs, **kw)
+    monkeypatch.setattr(vhack, "extract_vhack", spy)
+
+    cfg = C.load(FDR, ["steps=2", "data.prompts_per_step=2", "rollout.max_new_tokens=16", "checkpoint_every=0",
+                       "grpo.kl_coef=0", "arm.name=route", f"arm.vhack_path={vpath}", "arm.vhack_refresh_every=1",
+                       f"arm.refresh_pairs={pairs_path}", "teacher.mix=0.5"])
+    run = str(tmp_path / "run")
+    assert T.train(cfg, run) == 0
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert len(seen) == 1                                    # refreshed after step 1, not after the last step
+    assert seen[0]["hack_enabled"] is False and seen[0]["knob_equals_delta"] and seen[0]["hack_norm"] > 0
+    assert 0 <= rows[0]["vhack_overlap"] <= 1 and "vhack_overlap" not in rows[1]
+    assert rows[0]["delta_hack_norm"] > 0 and "proj_removed_frac" in rows[1]
+    _, tensors, _, _ = ckpt.load(os.path.join(run, "ckpt_000002.safetensors"))
+    assert any(k.startswith("vhack/") for k in tensors) and tensors["delta_hack"].abs().sum() > 0
