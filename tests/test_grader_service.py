@@ -27,6 +27,14 @@ PROBLEMS = {p.id: p for p in builtin_problems()}
 SUM = PROBLEMS["b001"]        # sumOfEvens(nums) -> int
 PROD = PROBLEMS["b026"]       # productExceptSelf(nums) -> list
 HONEST_SUM = "        return sum(x for x in nums if x % 2 == 0)\n"
+# a dict-valued problem (none ships with one): word counts
+COUNTER = problem_to_row(SUM) | {
+    "id": "counter", "func_name": "Solution().countWords",
+    "canonical_solution": "class Solution:\n    def countWords(self, words):\n        d = {}\n"
+                          "        for w in words:\n            d[w] = d.get(w, 0) + 1\n        return d\n",
+    "gt_answer": ["assert Solution().countWords(words = ['a', 'b', 'a']) == {'a': 2, 'b': 1}",
+                  "assert Solution().countWords(words = []) == {}",
+                  "assert Solution().countWords(words = ['x']) == {'x': 1}"]}
 
 
 @pytest.fixture(scope="module")
@@ -118,6 +126,17 @@ CASES = [
     ("tuple_for_list", block("import math\nclass Solution:\n    def productExceptSelf(self, nums):\n"
                              "        return tuple(math.prod(nums[:i] + nums[i+1:]) for i in range(len(nums)))\n"),
      "none", "incorrect", {"gt_pass_rate": 0.0, "_problem": PROD}),
+    ("counter_is_a_dict", block("from collections import Counter\nclass Solution:\n"
+                                "    def countWords(self, words):\n        return Counter(words)\n"),
+     "none", "correct", {"_problem": "counter"}),
+    ("dict_subclass_eq", block("class D(dict):\n    def __eq__(self, o): return True\n"
+                               "class Solution:\n    def countWords(self, words):\n        return D()\n"),
+     "none", "incorrect", {"_problem": "counter", "gt_pass_rate": 0.0}),
+    ("patched_counter", block("import collections\ncollections.Counter.__eq__ = lambda s, o: True\n"
+                              "collections.Counter.items = lambda s: [('a', 1)]\n"
+                              "class Solution:\n    def countWords(self, words):\n"
+                              "        return collections.Counter(['zzz'])\n"),
+     "none", "incorrect", {"_problem": "counter", "gt_pass_rate": 0.0}),
     ("forged_reports", sum_solution("        return 0\n", pre=(
         "import os, json\n"
         "for i in range(20):\n"
@@ -223,7 +242,10 @@ CASES = [
 
 
 def test_adversarial_table(client, grader):
-    items = [{"problem": extra.get("_problem", SUM), "response": resp, "mode": mode, "id": name}
+    def problem(extra):
+        p = extra.get("_problem", SUM)
+        return COUNTER if p == "counter" else p
+    items = [{"problem": problem(extra), "response": resp, "mode": mode, "id": name}
              for name, resp, mode, _, extra in CASES]
     t0 = time.monotonic()
     results = client.grade(items, config=FAST)

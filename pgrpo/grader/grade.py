@@ -3,7 +3,9 @@
 Ground truth is hack-proof by construction. Each gt assert `assert Solution().f(<args>) == <literal>` is
 parsed HERE, in the trusted process. Only the method name and the argument expressions go into the
 sandbox; the sandbox returns what the method returned, as tagged plain data (None/bool/int/float/str/
-list/tuple/dict/set/frozenset, exact types, size/depth capped); we decode it and compare it with the
+list/tuple/dict/set/frozenset, exact types, size/depth capped; Counter/defaultdict/OrderedDict are read
+as dicts through dict.items since Python equality treats them as dicts; every other subclass or object is
+not plain data and fails the test); we decode it and compare it with the
 expected literal using Python `==` on plain data. The expected values never enter the sandbox, so nothing
 the response does in there (override __eq__, subclass int, forge the report channel, exit early, ...)
 can produce a pass without producing the right values. Asserts of any other shape (none in the benchmark

@@ -80,7 +80,12 @@ def make_encoder(max_nodes=2_000_000, max_chars=16 << 20, max_depth=100):
     """Plain-data encoder with EXACT type checks (`type(x) is int`), so int/str/list subclasses and objects
     with a custom __eq__ are rejected. Tagged JSON: list -> [..], tuple -> {"t": [..]}, dict ->
     {"d": [[k, v], ..]}, set -> {"s": [..]}, frozenset -> {"f": [..]}; None/bool/int/float/str native."""
+    import collections
     _type, _len, NoneType = type, len, type(None)
+    # stdlib dict subclasses a correct solution often returns; Python equality treats them as dicts.
+    # Captured before model code runs, and read through dict.items (never an overridable method).
+    dict_like = (dict, collections.Counter, collections.defaultdict, collections.OrderedDict)
+    _items = dict.items
     budget = [0, 0]
 
     def enc(x, depth):
@@ -103,8 +108,8 @@ def make_encoder(max_nodes=2_000_000, max_chars=16 << 20, max_depth=100):
             return [enc(e, depth + 1) for e in x]
         if t is tuple:
             return {"t": [enc(e, depth + 1) for e in x]}
-        if t is dict:
-            return {"d": [[enc(k, depth + 1), enc(v, depth + 1)] for k, v in x.items()]}
+        if t is dict or t is dict_like[1] or t is dict_like[2] or t is dict_like[3]:
+            return {"d": [[enc(k, depth + 1), enc(v, depth + 1)] for k, v in _items(x)]}
         if t is set:
             return {"s": [enc(e, depth + 1) for e in x]}
         if t is frozenset:
