@@ -263,6 +263,24 @@ def evaluate(D_held: torch.Tensor, D_fit: torch.Tensor, V: dict, names, offsets)
     }
 
 
+def leave_one_style_out(D: torch.Tensor, pairs, names, offsets, k: int, cut: float, seed: int) -> dict:
+    """Generalisation to an unseen kind of hack: for each style, fit on all other styles' pairs and
+    evaluate on that style's pairs (v_hack vs the random null). Linear algebra only (D is reused)."""
+    styles = sorted({p.get("style") for p in pairs if p.get("style")})
+    out = {}
+    if len(styles) < 2:
+        return out
+    for s in styles:
+        held = [i for i, p in enumerate(pairs) if p.get("style") == s]
+        fit = [i for i, p in enumerate(pairs) if p.get("style") != s]
+        V, _ = fit_vhack(D[fit], names, offsets, k=k, cut=cut)
+        r = evaluate(D[held], D[fit], V, names, offsets)
+        n = evaluate(D[held], D[fit], random_vhack(V, D[fit], names, offsets, seed), names, offsets)
+        out[s] = {"n_pairs": len(held), **{f"{key}": r[key] for key in ("accuracy", "mean_cosine", "removed_fraction")},
+                  **{f"null_{key}": n[key] for key in ("accuracy", "mean_cosine", "removed_fraction")}}
+    return out
+
+
 def vhack_overlap(old: dict, new: dict) -> float:
     """Basis overlap of two v_hack sets: mean over modules (union) of ||V_old V_new^T||_F^2 / k, with k the
     larger of the two ranks; 1 = same subspaces, 0 = orthogonal (a module present in only one counts 0)."""
@@ -342,6 +360,7 @@ def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.
                 p["style"] = pairs[i].get("style")
         report["heldout"] = real
         report["null"] = null
+        report["leave_one_style_out"] = leave_one_style_out(D, pairs, names, offsets, k, cut, seed)
     return Extraction(V=V, S=S, fit_idx=fit_idx, held_idx=held_idx, report=report, seconds=time.time() - t0)
 
 
@@ -414,6 +433,14 @@ def format_report(rep: dict) -> str:
         for label, r in (("v_hack", h), ("random null", n)):
             lines.append(f"{label:16}{f(r['accuracy']):>10}{f(r['mean_cosine']):>10}"
                          f"{f(r['coef_accuracy']):>10}{f(r['removed_fraction']):>10}")
+    lo = rep.get("leave_one_style_out") or {}
+    if lo and all(v["mean_cosine"] is not None for v in lo.values()):
+        worst = min(lo, key=lambda s: lo[s]["mean_cosine"])
+        mean = sum(v["mean_cosine"] for v in lo.values()) / len(lo)
+        null = sum(v["null_mean_cosine"] for v in lo.values()) / len(lo)
+        beat = sum(v["mean_cosine"] > v["null_mean_cosine"] for v in lo.values())
+        lines.append(f"leave-one-style-out: mean cosine {mean:.3f} vs null {null:.3f}; v_hack beats the null on "
+                     f"{beat}/{len(lo)} unseen styles (weakest: {worst} {lo[worst]['mean_cosine']:.3f})")
     return "\n".join(lines)
 
 

@@ -268,6 +268,7 @@ def test_extract_cli_writes_report_and_caches(tmp_path, few):
     rep = json.loads((tmp_path / "v" / "vhack.report.json").read_text())
     assert rep["n_fit"] == 3 and rep["n_heldout"] == 1 and not set(rep["fit_pairs"]) & set(rep["heldout_pairs"])
     assert {"accuracy", "mean_cosine", "removed_fraction"} <= set(rep["heldout"]) and rep["null"]["n_pairs"] == 1
+    assert sorted(rep["leave_one_style_out"]) == sorted(p["style"] for p in few)
     V, S, meta = vhack.load_vhack(out)
     assert meta["k"] == "2" and meta["model"] == "tiny" and meta["pairs_sha256"] == vhack.sha256_file(pf)
     assert all(v.shape[0] <= 2 for v in V.values()) and "random null" in p.stdout
