@@ -159,7 +159,8 @@ class Sandbox:
         python = sandbox_python(drop)
         if python is None:   # no interpreter an unprivileged uid can run: stay root, say so in health
             drop, python = False, os.path.realpath(getattr(sys, "_base_executable", sys.executable))
-        uid = 100000 + (os.getpid() % 20000) * 32 + self.slot if drop else None
+        # a uid per (server, worker): NPROC budgets and sweeps never reach another worker or server
+        uid = 100000 + (os.getpid() % 10000) * 256 + self.slot % 256 if drop else None
         bw = self.use_bwrap
         if bw == "auto":
             bw = bwrap_works(python, uid)

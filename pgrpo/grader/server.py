@@ -282,8 +282,8 @@ def cli(argv):
     args = ap.parse_args(argv)
     if args.cmd != "serve":
         raise UserError("say `pgrpo grader serve --socket PATH [--workers N]`.")
-    if args.workers < 1:
-        raise UserError("--workers must be at least 1.")
+    if not 1 <= args.workers <= 256:
+        raise UserError("--workers must be between 1 and 256.")
     d = os.path.dirname(os.path.abspath(args.socket))
     if not os.path.isdir(d):
         raise UserError(f"socket directory {d} does not exist.")
