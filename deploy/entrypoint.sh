@@ -11,10 +11,11 @@
 #   PGRPO_RUN [<preset>-seed<seed>]  run dir name under PGRPO_RUNS_DIR [/runs]; also the Prometheus `run` label
 #   PGRPO_GRADER_SOCKET []        grader sidecar socket; empty = the trainer starts a local grader child
 #   PGRPO_VHACK []                v_hack file (arm.vhack_path); empty = the preset's own value
-#   PGRPO_METRICS_PORT [9400]     PGRPO_CACHE_DIR [/cache] (SVD cache under svd/)   PGRPO_JOBS_DIR [/app/jobs]
+#   PGRPO_METRICS_PORT [9400]     PGRPO_METRICS_LINGER [60] seconds /metrics stays up after the last step
+#   PGRPO_CACHE_DIR [/cache] (SVD cache under svd/)               PGRPO_JOBS_DIR [/app/jobs]
 #
 # Resume rule: a restarted container finds ckpt_*.safetensors in its run dir and continues it with
-# `pgrpo train --resume` (the run's own config.yaml is reused; only the socket/metrics port are re-applied).
+# `pgrpo train --resume` (the run's own config.yaml is reused; only the socket and metrics settings are re-applied).
 set -eu
 
 preset=${PGRPO_PRESET:-fast-dev-run}
@@ -33,7 +34,8 @@ train)
     run=${PGRPO_RUN:-$preset-seed$seed}
     dir=$runs/$run
     # settings of this container (not of the experiment): re-applied on every start, resume included
-    set -- --metrics-port "${PGRPO_METRICS_PORT:-9400}" "$@"
+    # (the linger keeps /metrics up after the last step so Prometheus scrapes the final values)
+    set -- --metrics-port "${PGRPO_METRICS_PORT:-9400}" --metrics-linger "${PGRPO_METRICS_LINGER:-60}" "$@"
     if [ -n "${PGRPO_GRADER_SOCKET:-}" ]; then
         set -- --set "grader_socket=$PGRPO_GRADER_SOCKET" "$@"
     fi

@@ -365,10 +365,13 @@ def entrypoint_env(run_root, metrics_port):
     env = dict(os.environ)
     env.update(PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}", PGRPO_PRESET="fast-dev-run", PGRPO_SEED="0",
                PGRPO_RUNS_DIR=str(run_root / "runs"), PGRPO_CACHE_DIR=str(run_root / "cache"),
-               PGRPO_JOBS_DIR=str(REPO / "jobs"), PGRPO_METRICS_PORT=str(metrics_port))
+               PGRPO_JOBS_DIR=str(REPO / "jobs"), PGRPO_METRICS_PORT=str(metrics_port), PGRPO_METRICS_LINGER="0")
     for k in ("PGRPO_RUN", "PGRPO_GRADER_SOCKET", "PGRPO_VHACK"):
         env.pop(k, None)
     return env
+
+
+IDENTITY = 'count by (run, arm, seed) (pgrpo_steps_total{run="fast-dev-run-seed0", arm="vanilla", seed="0"})'
 
 
 @pytest.fixture(scope="module")
@@ -402,12 +405,13 @@ def live(tmp_path_factory):
                 time.sleep(0.2)
 
         exprs = dashboard_exprs(dashboard()) + variable_queries(dashboard())
-        exprs += [("scrape target up", 'up{job="pgrpo-trainer", service="train-cpu"} == 1')]
+        exprs += [("scrape target up", 'up{job="pgrpo-trainer", service="train-cpu"} == 1'),
+                  ("run identity from the environment", IDENTITY)]
         pending = {concrete(e): title for title, e in exprs}
         answered = {}
         t0 = time.monotonic()
-        trainer = Proc(["sh", str(ENTRYPOINT), "train", "--metrics-linger", "120"], cwd=REPO,
-                       env=entrypoint_env(root, metrics_port))
+        trainer = Proc(["sh", str(ENTRYPOINT), "train"], cwd=REPO,
+                       env=dict(entrypoint_env(root, metrics_port), PGRPO_METRICS_LINGER="120"))
         health_rc = None
         while time.monotonic() - t0 < 420:
             for expr in list(pending):
@@ -425,7 +429,7 @@ def live(tmp_path_factory):
             time.sleep(1)
         running = trainer.p.poll() is None
         rc = trainer.stop()   # SIGTERM, like `docker stop`
-        yield {"root": root, "prom_port": prom_port, "pending": pending, "answered": answered, "out": trainer.text(),
+        yield {"root": root, "prom_port": prom_port, "metrics_port": metrics_port, "pending": pending, "answered": answered, "out": trainer.text(),
                "running": running, "rc": rc, "health_rc": health_rc, "seconds": time.monotonic() - t0,
                "run_dir": root / "runs" / "fast-dev-run-seed0"}
     finally:
@@ -440,11 +444,12 @@ def test_every_dashboard_expression_returns_data(live):
                                  + "\n".join(f"  [{t}] {e}" for e, t in live["pending"].items())
                                  + "\n--- trainer output ---\n" + live["out"][-3000:])
     assert live["running"], "the trainer exited before every expression had data:\n" + live["out"][-3000:]
-    assert live["health_rc"] == 0   # deploy/healthcheck.py metrics against the live endpoint
-    # the environment became the run's identity: run label, run dir, seed, container-owned cache path
-    runs = prom_query(live["prom_port"], 'count by (run, arm, seed) (pgrpo_steps_total{run="fast-dev-run-seed0", '
-                                         'arm="vanilla", seed="0"})')
-    assert runs == [1.0]
+    assert live["health_rc"] == 0   # deploy/healthcheck.py metrics against the live endpoint ...
+    down = subprocess.run([sys.executable, str(HEALTHCHECK), "metrics"], capture_output=True, timeout=30,
+                          env=dict(os.environ, PGRPO_METRICS_PORT=str(live["metrics_port"])))
+    assert down.returncode == 1   # ... and against the stopped one
+    # the environment became the run's identity: run label (queried live, see IDENTITY), dir, seed, cache path
+    assert live["answered"][IDENTITY] == [1.0]
     saved = load_yaml(live["run_dir"] / "config.yaml")
     assert saved["run_name"] == "fast-dev-run-seed0" and saved["seed"] == 0
     assert saved["adapter"]["svd_cache_dir"] == str(live["root"] / "cache" / "svd")
@@ -458,16 +463,17 @@ def test_restarted_entrypoint_resumes_the_run(live):
     ckpts = sorted(f.name for f in run_dir.glob("ckpt_*.safetensors"))
     assert ckpts == ["ckpt_000002.safetensors"], (ckpts, live["out"][-2000:])
     assert live["rc"] != 0   # stopped mid-run by SIGTERM, not finished
-    # restart: same environment; extra args are appended (one more step keeps the test short)
-    p = subprocess.run(["sh", str(ENTRYPOINT), "train", "--set", "steps=3"], cwd=REPO, capture_output=True,
+    # restart with the same environment. Extra args are appended: `--set steps=2` ends the resumed run at the
+    # checkpoint it resumes from, which keeps this test short (the trainer's own tests cover resumed steps).
+    p = subprocess.run(["sh", str(ENTRYPOINT), "train", "--set", "steps=2"], cwd=REPO, capture_output=True,
                        text=True, timeout=400, env=entrypoint_env(live["root"], free_port()))
     out = p.stdout + p.stderr
     assert p.returncode == 0, out[-3000:]
-    assert f"resuming {run_dir}" in out and "from step 2" in out
-    assert re.findall(r"^TIMING step=(\d+) ", out, re.M) == ["3"]
-    assert (run_dir / "ckpt_000003.safetensors").is_file()
+    assert f"resuming {run_dir}" in out and f"resume: {run_dir} from step 2" in out
+    assert not re.search(r"^TIMING ", out, re.M) and "new run" not in out
+    assert sorted(f.name for f in run_dir.glob("ckpt_*.safetensors")) == ckpts
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [1, 2, 3]
+    assert [r["step"] for r in rows] == [1, 2]   # rows of the interrupted step 3 are not there
 
 
 # ----------------------------------------------------------------------------- grader: image file set, no network
@@ -528,6 +534,8 @@ def test_grader_target_serves_without_torch(tmp_path):
         assert r["label"] == "correct" and r["gt_pass"] is True
     finally:
         g.stop()
+    gone = subprocess.run([sys.executable, str(HEALTHCHECK), "grader", str(sock)], capture_output=True, timeout=30)
+    assert gone.returncode == 1 and b"unhealthy" in gone.stderr   # the compose healthcheck sees a dead grader
 
 
 NET_RESPONSE = """
