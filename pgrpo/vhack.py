@@ -53,13 +53,13 @@ def _encode(tokenizer, text: str) -> list:
 def _completion_nll(model, tokenizer, prompt, completion: str, max_tokens: int | None, device) -> torch.Tensor:
     """Mean-token NLL of `completion` (+ EOS, as a sampled one would end) after the rendered `prompt`.
     `max_tokens` truncates the prompt from the left; the completion is what we measure and stays whole."""
+    if not completion:
+        raise UserError("an extraction completion is empty.")
     p_ids = _encode(tokenizer, _prompt_text(tokenizer, prompt))
     c_ids = _encode(tokenizer, completion)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None:
         c_ids = c_ids + [int(eos)]
-    if not completion:
-        raise UserError("an extraction completion is empty.")
     if max_tokens is not None and len(p_ids) + len(c_ids) > max_tokens:
         p_ids = p_ids[-max(1, max_tokens - len(c_ids)):]
     ids = torch.tensor([p_ids + c_ids], dtype=torch.long, device=device)
@@ -176,10 +176,12 @@ def fit_vhack(D: torch.Tensor, names, offsets, k: int = 4, cut: float = 0.25) ->
         V_all[name] = orient(Vh[:kk], Dm)
         S_all[name] = S[:kk]
     keep = noise_floor_cut(S_all, cut)
+    # a (numerically) zero singular value has an arbitrary vector: never keep one, whatever the cut
+    tiny = 1e-9 * max((float(sv[0]) for sv in S_all.values() if sv.numel()), default=0.0)
     V_out, S_out = {}, {}
     for name in V_all:
-        kk = keep[name]
-        if kk == 0 or float(S_all[name][0]) == 0.0:
+        kk = min(keep[name], int((S_all[name] > tiny).sum()))
+        if kk == 0:
             continue
         V_out[name] = V_all[name][:kk].float().contiguous()
         S_out[name] = S_all[name][:kk].float().contiguous()

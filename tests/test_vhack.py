@@ -157,6 +157,15 @@ def test_noise_floor_cut_on_synthetic_singular_values():
     assert set(V) == {"a", "b"} and all(v.shape[0] == 2 for v in V.values())
 
 
+def test_zero_singular_values_are_never_kept():
+    """Two pairs span at most two directions per module: k=4 with no cut still keeps only those, and a
+    module whose D is exactly zero (e.g. not reached by the loss) is dropped."""
+    D, names, offsets, ranks, _ = _planted(n=2)
+    D[:, offsets[2]:offsets[3]] = 0
+    V, S = vhack.fit_vhack(D, names, offsets, k=4, cut=0.0)
+    assert set(V) == {"a", "b"} and all(v.shape[0] == 2 for v in V.values())
+
+
 def test_heldout_split_is_disjoint_seeded_and_complete():
     for n in (2, 5, 72):
         for seed in range(5):
