@@ -15,24 +15,28 @@ namespace pgrpo {
 namespace {
 constexpr int64_t kCols = 64;  // columns per task: one row segment of U and T is 256 B of fp32
 
+// acc[0:n] = sum_a u[a, 0:n] * x[a, 0:n] for one tile of n <= kCols columns (rows strided by r).
+template <typename scalar_t>
+PGRPO_SIMD_CLONES static void column_dot_tile(const scalar_t* u, const float* x, float* out, int64_t o,
+                                              int64_t r, int64_t n) {
+  float acc[kCols] = {0.f};
+  for (int64_t a = 0; a < o; ++a, u += r, x += r) {
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<float>(u[j]) * x[j];
+  }
+  for (int64_t j = 0; j < n; ++j) out[j] = acc[j];
+}
+
 template <typename scalar_t>
 void column_dot(const scalar_t* U, const float* T, float* out, int64_t L, int64_t o, int64_t r) {
   const int64_t tiles = (r + kCols - 1) / kCols;
   const int64_t tasks = L * tiles;
-#pragma omp parallel for schedule(static) num_threads(at::get_num_threads()) if (tasks > 1)
+  const bool parallel = tasks > 1 && L * o * r >= (int64_t(1) << 18);  // small stacks: skip the thread wake-up
+#pragma omp parallel for schedule(static) num_threads(at::get_num_threads()) if (parallel)
   for (int64_t t = 0; t < tasks; ++t) {
     const int64_t l = t / tiles, j0 = (t % tiles) * kCols;
-    const int64_t n = std::min(kCols, r - j0);
-    float acc[kCols] = {0.f};
-    const scalar_t* Ul = U + l * o * r + j0;
-    const float* Tl = T + l * o * r + j0;
-    for (int64_t a = 0; a < o; ++a) {
-      const scalar_t* u = Ul + a * r;
-      const float* x = Tl + a * r;
-#pragma omp simd
-      for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<float>(u[j]) * x[j];
-    }
-    for (int64_t j = 0; j < n; ++j) out[l * r + j0 + j] = acc[j];
+    column_dot_tile<scalar_t>(U + l * o * r + j0, T + l * o * r + j0, out + l * r + j0, o, r,
+                              std::min(kCols, r - j0));
   }
 }
 }  // namespace

@@ -3,6 +3,15 @@
 #pragma once
 #include <ATen/ATen.h>
 
+// Hot CPU loops are compiled for AVX-512, AVX2+FMA and the baseline ISA; the loader picks the best
+// one for the machine (GCC/Clang function multi-versioning), so a wheel or image built on one x86
+// machine runs on any other.
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+#define PGRPO_SIMD_CLONES __attribute__((target_clones("arch=skylake-avx512", "arch=haswell", "default")))
+#else
+#define PGRPO_SIMD_CLONES
+#endif
+
 namespace pgrpo {
 
 // G [L,o,i], U [L,o,r], Vh [L,r,i]; same floating dtype (fp32/bf16/fp16) and device.

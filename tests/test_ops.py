@@ -120,6 +120,18 @@ def test_project_handles_many_modules_with_k_up_to_r():
     torch.testing.assert_close(st, st_ref, rtol=1e-5, atol=1e-5)
 
 
+def test_project_large_stack_takes_the_multithreaded_path():
+    """>= 1M floats of work switches the CPU kernel to OpenMP over modules; same answer."""
+    rs, ks = [512] * 64 + [300] * 30, [32] * 64 + [0, 7, 32] * 10
+    g, go, p, _ = ragged(rs, ks, seed=9)
+    assert p.v.numel() + 2 * g.numel() >= 1 << 20
+    g_ref = g.clone()
+    st_ref = ops.project_torch_(g_ref, go, p.v, p.v_offsets, p.ks, 1.1, True)
+    st = ops.project_(g, go, p.v, p.v_offsets, p.ks, 1.1, True)
+    torch.testing.assert_close(g, g_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(st, st_ref, rtol=1e-5, atol=1e-5)
+
+
 # ----------------------------------------------------------------------------- fused
 
 @pytest.mark.parametrize("device", DEVICES)
