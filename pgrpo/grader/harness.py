@@ -1,10 +1,13 @@
-"""The code that runs INSIDE the sandbox: a zygote that forks one child per job.
+"""The code that runs INSIDE the sandbox: a zygote that forks a runner and a child per job.
 
 This file is never imported by the grader. `sandbox.py` reads its source and starts it with
 `python -I -S -c <source>` (inside bubblewrap when available), so it must stay standard-library only and
-self-contained. The zygote imports the modules problem setup code uses once, then serves jobs from its
-stdin pipe; each job runs in a fresh forked child (own session/process group, rlimits, private working
-dir), so no interpreter start is paid per response and nothing a response does outlives its job.
+self-contained. The zygote imports the modules problem setup code uses once and then never touches job
+data: per job it forks a runner (a pristine copy of itself) that reads one job frame from the stdin pipe,
+forks the child that runs model code (own session/process group, rlimits, private working dir), enforces
+the wall limit, collects capped outputs and writes the reply. When the runner is done the zygote kills
+everything else left in the sandbox, reaps it and wipes the writable dirs. No interpreter start is paid
+per response, and nothing a response does (processes, files, heap remnants) reaches a later job.
 
 Trust: everything here is UNTRUSTED once model code runs. Model code shares the child process with the
 job logic and can rewrite anything in it, including what it reports. That is fine by construction: the
