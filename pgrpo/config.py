@@ -113,6 +113,7 @@ class Config:
     grader_time_limit_s: float = 5.0
     device: str = "auto"               # auto = cuda if available else cpu
     dtype: str = "auto"                # auto = bfloat16 on cuda, float32 on cpu
+    cpu_threads: int = 0               # torch intra-op threads; 0 = torch's default (all cores)
     run_name: Optional[str] = None     # Prometheus `run` label; default = the run dir's name
 
 
@@ -342,6 +343,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
         bad("device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     choice("dtype", cfg.dtype, DTYPES)
+    if cfg.cpu_threads < 0:
+        bad("cpu_threads", "must be >= 0 (0 = torch's default)")
 
 
 def dump_yaml(cfg: Config) -> str:

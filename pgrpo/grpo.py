@@ -246,6 +246,7 @@ def apply_update(adapter, opt, g: torch.Tensor, g_hack, arm, packed, g_offsets, 
             out["update_along_vhack_abs"] = along_abs
             out["update_along_vhack"] = _ratio(along_abs, float(u.norm()))
             out["update_hackward_abs"] = float(hackward_components(u, g_offsets, packed).pow(2).sum().sqrt())
+            out["update_hackward"] = _ratio(out["update_hackward_abs"], float(u.norm()))
         out["update_norm"] = float(upd.norm())
         out["delta_norm"] = float(delta.norm())
         out["delta_hack_norm"] = float(hack.norm()) if hack is not None else 0.0

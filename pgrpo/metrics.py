@@ -129,6 +129,6 @@ def progress_line(row: dict, steps: int) -> str:
     if "proj_removed_frac" in row:
         parts.append(f"removed {row['proj_removed_frac']:.2f}")
     if "update_along_vhack" in row:
-        parts.append(f"upd.v {row['update_along_vhack']:.3f}")
+        parts.append(f"upd.v {row['update_along_vhack']:.3f} (hack-ward {row.get('update_hackward', 0.0):.3f})")
     parts.append(f"{row['timing']['total']:.1f}s")
     return " | ".join(parts)

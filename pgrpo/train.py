@@ -148,6 +148,8 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False) -> int:
 
     # ---- model, adapter, optimizer
     t_load = time.perf_counter()
+    if cfg.cpu_threads:
+        torch.set_num_threads(cfg.cpu_threads)
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     np.random.seed(cfg.seed)
