@@ -262,6 +262,18 @@ def variable_queries(dash):
     return out
 
 
+def test_contract_matches_the_trainer_registry():
+    """The names the dashboard may use are exactly what pgrpo/metrics.py exposes (no HTTP: port 0)."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+    from pgrpo.metrics import Metrics
+    m = Metrics("r", "vanilla", 0)
+    fams = {f.name: f.type for f in text_string_to_metric_families(generate_latest(m.registry).decode())
+            if not f.name.endswith("_created")}   # prometheus_client's creation-time series, not ours
+    # the parser strips the counters' _total from family names
+    assert {n if t != "counter" else n + "_total": t for n, t in fams.items()} == CONTRACT
+
+
 def test_metric_name_parser():
     assert metric_names('sum by (run, le) (rate(a_bucket{x="y{z}"}[$window])) / on(run) group_left b') == {"a_bucket", "b"}
     assert metric_names("3600 * time() - max without (seed) (c_seconds offset 5m) > bool 1e3") == {"c_seconds"}
@@ -376,11 +388,13 @@ IDENTITY = 'count by (run, arm, seed) (pgrpo_steps_total{run="fast-dev-run-seed0
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory):
-    """A real Prometheus (the project's scrape config, targets rewritten to loopback, 1 s scrapes) and a real
-    fast-dev-run started the way the container starts it (deploy/entrypoint.sh train). Every dashboard expression
+    """A real Prometheus (the project's scrape config, targets rewritten to loopback, 1 s scrapes), a grader
+    sidecar in a fresh network namespace, and a real fast-dev-run started the way the container starts it
+    (deploy/entrypoint.sh train, PGRPO_GRADER_SOCKET pointing at the sidecar). Every dashboard expression
     is queried while the trainer runs; once all have returned data and the mid-run checkpoint is written, the
     trainer gets SIGTERM, as `docker stop` would send."""
     exe = need("prometheus")
+    netns = netns_prefix()
     root = tmp_path_factory.mktemp("live")
     prom_port, metrics_port = free_port(), free_port()
     cfg = load_yaml(PROM_CFG)
@@ -393,8 +407,13 @@ def live(tmp_path_factory):
     cfg_path.write_text(yaml.safe_dump(cfg))
     prom = Proc([exe, f"--config.file={cfg_path}", f"--storage.tsdb.path={root / 'tsdb'}",
                  f"--web.listen-address=127.0.0.1:{prom_port}", "--log.level=warn"])
-    trainer = None
+    trainer = grader = None
     try:
+        # the sidecar, as in compose: its own (empty) network namespace, reached only through the socket
+        sock = root / "sock" / "grader.sock"
+        sock.parent.mkdir()
+        grader = start_grader(netns + [sys.executable, "-m", "pgrpo", "grader", "serve", "--socket", str(sock),
+                                       "--workers", "2", "--no-bwrap"], sock)
         deadline = time.monotonic() + 60
         while True:
             try:
@@ -406,12 +425,14 @@ def live(tmp_path_factory):
 
         exprs = dashboard_exprs(dashboard()) + variable_queries(dashboard())
         exprs += [("scrape target up", 'up{job="pgrpo-trainer", service="train-cpu"} == 1'),
-                  ("run identity from the environment", IDENTITY)]
+                  ("run identity from the environment", IDENTITY),
+                  ("graded by the sidecar", 'sum(pgrpo_grader_requests_total{outcome="ok"}) > 0')]
         pending = {concrete(e): title for title, e in exprs}
         answered = {}
         t0 = time.monotonic()
         trainer = Proc(["sh", str(ENTRYPOINT), "train"], cwd=REPO,
-                       env=dict(entrypoint_env(root, metrics_port), PGRPO_METRICS_LINGER="120"))
+                       env=dict(entrypoint_env(root, metrics_port), PGRPO_METRICS_LINGER="120",
+                                PGRPO_GRADER_SOCKET=str(sock)))
         health_rc = None
         while time.monotonic() - t0 < 420:
             for expr in list(pending):
@@ -435,6 +456,8 @@ def live(tmp_path_factory):
     finally:
         if trainer is not None:
             trainer.stop(signal.SIGKILL)
+        if grader is not None:
+            grader.stop()
         prom.stop()
 
 
@@ -450,8 +473,10 @@ def test_every_dashboard_expression_returns_data(live):
     assert down.returncode == 1   # ... and against the stopped one
     # the environment became the run's identity: run label (queried live, see IDENTITY), dir, seed, cache path
     assert live["answered"][IDENTITY] == [1.0]
+    assert "local grader" not in live["out"]   # it used the sidecar in the network namespace
     saved = load_yaml(live["run_dir"] / "config.yaml")
     assert saved["run_name"] == "fast-dev-run-seed0" and saved["seed"] == 0
+    assert saved["grader_socket"] == str(live["root"] / "sock" / "grader.sock")
     assert saved["adapter"]["svd_cache_dir"] == str(live["root"] / "cache" / "svd")
     print(f"live dashboard check: {len(live['answered'])} expressions answered in {live['seconds']:.0f}s")
 
