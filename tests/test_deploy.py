@@ -450,9 +450,9 @@ def live(tmp_path_factory):
             time.sleep(1)
         running = trainer.p.poll() is None
         rc = trainer.stop()   # SIGTERM, like `docker stop`
-        yield {"root": root, "prom_port": prom_port, "metrics_port": metrics_port, "pending": pending, "answered": answered, "out": trainer.text(),
-               "running": running, "rc": rc, "health_rc": health_rc, "seconds": time.monotonic() - t0,
-               "run_dir": root / "runs" / "fast-dev-run-seed0"}
+        yield {"root": root, "prom_port": prom_port, "metrics_port": metrics_port, "pending": pending,
+               "answered": answered, "out": trainer.text(), "running": running, "rc": rc, "health_rc": health_rc,
+               "seconds": time.monotonic() - t0, "run_dir": root / "runs" / "fast-dev-run-seed0"}
     finally:
         if trainer is not None:
             trainer.stop(signal.SIGKILL)
