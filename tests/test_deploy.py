@@ -501,6 +501,29 @@ def test_restarted_entrypoint_resumes_the_run(live):
     assert [r["step"] for r in rows] == [1, 2]   # rows of the interrupted step 3 are not there
 
 
+@pytest.mark.slow
+def test_extract_then_projected_arm_through_the_entrypoint(tmp_path):
+    """The compose chain extract -> train-projected, on the tiny smoke preset: `extract` writes the shared
+    v_hack (and skips the work when started again), the projected arm trains with it."""
+    vhack = tmp_path / "vhack" / "vhack.safetensors"
+    env = dict(entrypoint_env(tmp_path, free_port()), PGRPO_PRESET="smoke-projected", PGRPO_VHACK=str(vhack))
+    p = subprocess.run(["sh", str(ENTRYPOINT), "extract"], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=400)
+    assert p.returncode == 0 and vhack.is_file(), (p.stdout + p.stderr)[-3000:]
+    again = subprocess.run(["sh", str(ENTRYPOINT), "extract"], cwd=REPO, env=env, capture_output=True, text=True,
+                           timeout=400)
+    assert again.returncode == 0 and "up to date" in again.stdout, again.stdout + again.stderr
+    p = subprocess.run(["sh", str(ENTRYPOINT), "train", "--set", "steps=1", "--set", "rollout.max_new_tokens=16"],
+                       cwd=REPO, env=env, capture_output=True, text=True, timeout=400)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    run_dir = tmp_path / "runs" / "smoke-projected-seed0"
+    saved = load_yaml(run_dir / "config.yaml")
+    assert saved["arm"]["name"] == "projected" and saved["arm"]["vhack_path"] == str(vhack)
+    (row,) = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert 0 <= row["proj_removed_frac"] <= 1 and (run_dir / "ckpt_000001.safetensors").is_file()
+
+
 # ----------------------------------------------------------------------------- grader: image file set, no network
 
 def grader_target_tree(dest):
