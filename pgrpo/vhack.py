@@ -88,19 +88,24 @@ def completion_grad(model, adapter, tokenizer, prompt, completion: str, max_toke
     return g
 
 
-def pair_diffs(model, adapter, tokenizer, pairs, max_tokens: int | None = None, log=None) -> torch.Tensor:
-    """D [n_pairs, R]: row i = g(hack_i) - g(clean_i), the loss gradient of GRPO with A=+1 hack, -1 clean."""
-    rows = []
+def pair_grads(model, adapter, tokenizer, pairs, max_tokens: int | None = None, log=None):
+    """(G_hack, G_clean), each [n_pairs, R] on the CPU: g(hack_i) and g(clean_i), one backward each."""
+    gh_rows, gc_rows = [], []
     t0 = time.time()
     for i, p in enumerate(pairs):
-        gh = completion_grad(model, adapter, tokenizer, p["prompt"], p["hack"], max_tokens)
-        gc = completion_grad(model, adapter, tokenizer, p["prompt"], p["clean"], max_tokens)
-        rows.append((gh - gc).cpu())
+        gh_rows.append(completion_grad(model, adapter, tokenizer, p["prompt"], p["hack"], max_tokens).cpu())
+        gc_rows.append(completion_grad(model, adapter, tokenizer, p["prompt"], p["clean"], max_tokens).cpu())
         if log is not None and ((i + 1) % 10 == 0 or i + 1 == len(pairs)):
             log(f"extract: gradients for {i + 1}/{len(pairs)} pairs ({time.time() - t0:.1f}s)")
-    if not rows:
+    if not gh_rows:
         raise UserError("no pairs to extract v_hack from.")
-    return torch.stack(rows)
+    return torch.stack(gh_rows), torch.stack(gc_rows)
+
+
+def pair_diffs(model, adapter, tokenizer, pairs, max_tokens: int | None = None, log=None) -> torch.Tensor:
+    """D [n_pairs, R]: row i = g(hack_i) - g(clean_i), the loss gradient of GRPO with A=+1 hack, -1 clean."""
+    gh, gc = pair_grads(model, adapter, tokenizer, pairs, max_tokens, log)
+    return gh - gc
 
 
 # ----------------------------------------------------------------------------- the fit (pure math)
@@ -283,6 +288,25 @@ def leave_one_style_out(D: torch.Tensor, pairs, names, offsets, k: int, cut: flo
     return out
 
 
+def collateral(GH, GC, held_idx, D_fit, V, names, offsets, seed) -> dict:
+    """What else the one-sided projection removes (held-out pairs; v_hack vs null): GRPO gradients that
+    are not a hack-vs-clean contrast. `penalize_hack` (-g(hack)) and `reinforce_clean` (g(clean)) should
+    lose ~nothing; `clean_vs_clean` / `hack_vs_hack` (g(x_i) - g(x_j) across held-out pairs, a zero-sum
+    group like GRPO's) measure how much generic gradient energy v_hack's subspace captures."""
+    if len(held_idx) < 2:
+        return {}
+    j = held_idx[1:] + held_idx[:1]
+    V_null = random_vhack(V, D_fit, names, offsets, seed)
+    out = {}
+    for key, X in (("reinforce_hack", GH[held_idx]), ("penalize_hack", -GH[held_idx]),
+                   ("reinforce_clean", GC[held_idx]), ("penalize_clean", -GC[held_idx]),
+                   ("clean_vs_clean", GC[held_idx] - GC[j]), ("hack_vs_hack", GH[held_idx] - GH[j])):
+        r, n = evaluate(X, D_fit, V, names, offsets), evaluate(X, D_fit, V_null, names, offsets)
+        out[key] = {"removed_fraction": r["removed_fraction"], "mean_cosine": r["mean_cosine"],
+                    "null_removed_fraction": n["removed_fraction"], "null_mean_cosine": n["mean_cosine"]}
+    return out
+
+
 def vhack_overlap(old: dict, new: dict) -> float:
     """Basis overlap of two v_hack sets: mean over modules (union) of ||V_old V_new^T||_F^2 / k, with k the
     larger of the two ranks; 1 = same subspaces, 0 = orthogonal (a module present in only one counts 0)."""
@@ -342,9 +366,10 @@ def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.
     model.eval()  # no dropout: the gradient of the policy as it samples
     try:
         with _hack_knob_off(adapter):
-            D = pair_diffs(model, adapter, tokenizer, pairs, max_tokens=max_tokens, log=log)
+            GH, GC = pair_grads(model, adapter, tokenizer, pairs, max_tokens=max_tokens, log=log)
     finally:
         model.train(was_training)
+    D = GH - GC
     names, offsets = list(adapter.names), list(adapter.offsets)
     D_fit = D[fit_idx]
     V, S = fit_vhack(D_fit, names, offsets, k=k, cut=cut)
@@ -363,6 +388,7 @@ def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.
         report["heldout"] = real
         report["null"] = null
         report["leave_one_style_out"] = leave_one_style_out(D, pairs, names, offsets, k, cut, seed)
+        report["collateral"] = collateral(GH, GC, held_idx, D_fit, V, names, offsets, seed)
     return Extraction(V=V, S=S, fit_idx=fit_idx, held_idx=held_idx, report=report, seconds=time.time() - t0)
 
 
@@ -435,6 +461,11 @@ def format_report(rep: dict) -> str:
         for label, r in (("v_hack", h), ("random null", n)):
             lines.append(f"{label:16}{f(r['accuracy']):>10}{f(r['mean_cosine']):>10}"
                          f"{f(r['coef_accuracy']):>10}{f(r['removed_fraction']):>10}")
+    sc = rep.get("collateral") or {}
+    if sc:
+        lines.append("collateral: one-sided removed fraction of other GRPO gradients (held-out; v_hack/null):")
+        lines.append("  " + ", ".join(f"{key} {v['removed_fraction']:.2f}/{v['null_removed_fraction']:.2f}"
+                                      for key, v in sc.items()))
     lo = rep.get("leave_one_style_out") or {}
     if lo and all(v["mean_cosine"] is not None for v in lo.values()):
         worst = min(lo, key=lambda s: lo[s]["mean_cosine"])
