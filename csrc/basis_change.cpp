@@ -15,16 +15,25 @@ namespace pgrpo {
 namespace {
 constexpr int64_t kCols = 64;  // columns per task: one row segment of U and T is 256 B of fp32
 
-// acc[0:n] = sum_a u[a, 0:n] * x[a, 0:n] for one tile of n <= kCols columns (rows strided by r).
+// out[0:n] = sum_a u[a, 0:n] * x[a, 0:n] for one tile of n <= kCols columns (rows strided by r).
+// fp32 partial sums over blocks of kRowBlock rows, folded into fp64: as accurate as a pairwise sum.
+constexpr int64_t kRowBlock = 64;
+
 template <typename scalar_t>
 PGRPO_SIMD_CLONES static void column_dot_tile(const scalar_t* u, const float* x, float* out, int64_t o,
                                               int64_t r, int64_t n) {
-  float acc[kCols] = {0.f};
-  for (int64_t a = 0; a < o; ++a, u += r, x += r) {
+  double total[kCols] = {0.0};
+  for (int64_t a0 = 0; a0 < o; a0 += kRowBlock) {
+    float acc[kCols] = {0.f};
+    const int64_t a1 = std::min(o, a0 + kRowBlock);
+    for (int64_t a = a0; a < a1; ++a, u += r, x += r) {
 #pragma omp simd
-    for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<float>(u[j]) * x[j];
+      for (int64_t j = 0; j < n; ++j) acc[j] += static_cast<float>(u[j]) * x[j];
+    }
+#pragma omp simd
+    for (int64_t j = 0; j < n; ++j) total[j] += acc[j];
   }
-  for (int64_t j = 0; j < n; ++j) out[j] = acc[j];
+  for (int64_t j = 0; j < n; ++j) out[j] = static_cast<float>(total[j]);
 }
 
 template <typename scalar_t>
