@@ -20,10 +20,19 @@ import torch
 from pgrpo.errors import UserError
 
 
+# `--model small`: the tiny architecture scaled up (~13M parameters, random), big enough on a CPU for the
+# factored adapter's two extra matmuls per Linear to show against per-token overheads
+SMALL = dict(hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+             num_key_value_heads=4, head_dim=64)
+
+
 def _build(model_name, mode, device, dtype, seed, delta_scale):
     from pgrpo.adapter import SVDAdapter
-    from pgrpo.model import load_model
-    model, tok = load_model(model_name, dtype=dtype, device=device, seed=seed)
+    from pgrpo.model import ByteTokenizer, build_tiny_model, load_model, resolve_dtype
+    if model_name == "small":
+        model, tok = build_tiny_model(seed=seed, **SMALL).to(device=device, dtype=resolve_dtype(dtype)), ByteTokenizer()
+    else:
+        model, tok = load_model(model_name, dtype=dtype, device=device, seed=seed)
     ad = SVDAdapter(model, mode=mode, cache_dir=".cache/svd")
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # a nonzero knob, so the factored path does real work and merged != W0
@@ -50,7 +59,7 @@ def _time_generate(model, ids, attn, new_tokens, use_cache, repeats, pad_id):
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="pgrpo bench step", description=__doc__.split("\n\n")[0])
-    ap.add_argument("--model", default="tiny", help="model name or path (default: the embedded tiny model)")
+    ap.add_argument("--model", default="tiny", help="tiny (default), small (tiny scaled to ~13M params), or an HF name/path")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch", type=int, default=12, help="sequences per generate call (default 12 = 3 groups x G 4)")
@@ -59,14 +68,18 @@ def main(argv=None) -> int:
     ap.add_argument("--repeats", type=int, default=3, help="best of N per timing")
     ap.add_argument("--config", default="jobs/fast-dev-run.yaml", help="preset for the step breakdown")
     ap.add_argument("--steps", type=int, default=2, help="training steps for the breakdown (0 = skip)")
+    ap.add_argument("--threads", type=int, default=1,
+                    help="torch CPU threads (default 1, as the tiny presets; 0 = torch's default)")
     a = ap.parse_args(argv)
     if min(a.batch, a.prompt_len, a.new_tokens, a.repeats) < 1 or a.steps < 0:
         raise UserError("--batch, --prompt-len, --new-tokens and --repeats must be >= 1 and --steps >= 0.")
+    if a.threads:
+        torch.set_num_threads(a.threads)
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     dtype = a.dtype if a.dtype != "auto" else ("bfloat16" if device.startswith("cuda") else "float32")
 
     print(f"bench step: model {a.model} on {device}/{dtype}, generate {a.batch} x ({a.prompt_len} prompt + "
-          f"{a.new_tokens} new) tokens, greedy, best of {a.repeats}", flush=True)
+          f"{a.new_tokens} new) tokens, greedy, best of {a.repeats}, {torch.get_num_threads()} CPU thread(s)", flush=True)
     model_m, tok, _ = _build(a.model, "merged", device, dtype, 0, 0.02)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(0, 256, (a.batch, a.prompt_len), generator=g).to(device)
@@ -92,7 +105,7 @@ def main(argv=None) -> int:
         from pgrpo.train import train
         import json
         cfg = C.load(a.config, [f"steps={a.steps}", "checkpoint_every=0", "metrics_port=0", f"device={device}",
-                                f"dtype={dtype}"])
+                                f"dtype={dtype}", f"cpu_threads={a.threads}"])
         with tempfile.TemporaryDirectory(prefix="pgrpo-bench-step-") as d:
             run = os.path.join(d, "run")
             t0 = time.perf_counter()
