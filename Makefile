@@ -48,13 +48,13 @@ bench-step:
 	$(PGRPO) bench step
 
 fast-dev-run:
-	$(PGRPO) train --config jobs/fast-dev-run.yaml --out runs/fast-dev-run
+	$(PGRPO) train --config jobs/fast-dev-run.yaml --out runs/fast-dev-run --overwrite
 
 smoke-vanilla:
-	$(PGRPO) train --config jobs/smoke-vanilla.yaml --out runs/smoke-vanilla
+	$(PGRPO) train --config jobs/smoke-vanilla.yaml --out runs/smoke-vanilla --overwrite
 
 smoke-projected: extract
-	$(PGRPO) train --config jobs/smoke-projected.yaml --out runs/smoke-projected
+	$(PGRPO) train --config jobs/smoke-projected.yaml --out runs/smoke-projected --overwrite
 
 extract:
 	$(PGRPO) extract --config jobs/smoke-projected.yaml --out runs/vhack/vhack.safetensors

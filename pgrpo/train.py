@@ -118,7 +118,7 @@ def _sigterm(signum, frame):
 
 # ----------------------------------------------------------------------------- the job
 
-def train(cfg: C.Config, run_dir: str, resume: bool = False) -> int:
+def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = False) -> int:
     from pgrpo.adapter import SVDAdapter
     from pgrpo.data.problems import builtin_problems, load_problems, problem_to_row
     from pgrpo.data.prompts import build_prompt
@@ -136,6 +136,10 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False) -> int:
         if path is None:
             raise UserError(f"--resume {run_dir}: no checkpoint (ckpt_*.safetensors) in that directory.")
         resume_from = ckpt.load(path)  # a corrupted file stops here, nothing is loaded
+    elif overwrite:  # start over: only the files a run writes, never anything else in the directory
+        for name in os.listdir(run_dir):
+            if name.startswith("ckpt_") or name in ("metrics.jsonl", "config.yaml"):
+                os.remove(os.path.join(run_dir, name))
     elif ckpt.latest(run_dir) is not None:
         raise UserError(f"{run_dir} already holds checkpoints; continue it with --resume {run_dir} or pick another --out.")
     C.save(cfg, os.path.join(run_dir, "config.yaml"))
@@ -358,14 +362,16 @@ def parse_args(argv):
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="override a config key by its dotted name, value parsed as YAML (repeatable)")
     ap.add_argument("--out", help="run directory (default runs/<preset name>)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="start over in --out: delete its checkpoints, metrics.jsonl and config.yaml first")
     ap.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint (uses its config.yaml)")
     ap.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0 = off)")
     ap.add_argument("--metrics-linger", type=float, metavar="SECONDS", help="keep /metrics up this long after the run")
     return ap.parse_args(argv)
 
 
-def resolve(argv) -> tuple[C.Config, str, bool]:
-    """argv -> (validated config, run dir, resume?) without touching torch or the model."""
+def resolve(argv) -> tuple[C.Config, str, bool, bool]:
+    """argv -> (validated config, run dir, resume?, overwrite?) without touching torch or the model."""
     a = parse_args(argv)
     overrides = list(a.overrides)
     if a.metrics_port is not None:
@@ -373,6 +379,8 @@ def resolve(argv) -> tuple[C.Config, str, bool]:
     if a.metrics_linger is not None:
         overrides.append(f"metrics_linger_s={a.metrics_linger}")
     if a.resume:
+        if a.overwrite:
+            raise UserError("--overwrite starts a run over; it cannot be combined with --resume.")
         if a.config:
             raise UserError("give either --config (a new run) or --resume RUN_DIR (which reuses its config.yaml), not both.")
         if a.out and os.path.abspath(a.out) != os.path.abspath(a.resume):
@@ -380,17 +388,17 @@ def resolve(argv) -> tuple[C.Config, str, bool]:
         path = os.path.join(a.resume, "config.yaml")
         if not os.path.isfile(path):
             raise UserError(f"--resume {a.resume}: no config.yaml there; is it a run directory?")
-        return C.load(path, overrides), a.resume, True
+        return C.load(path, overrides), a.resume, True, False
     if not a.config:
         raise UserError("say which job to run: pgrpo train --config jobs/fast-dev-run.yaml (or --resume RUN_DIR).")
     cfg = C.load(a.config, overrides)
     out = a.out or os.path.join("runs", os.path.splitext(os.path.basename(a.config))[0])
-    return cfg, out, False
+    return cfg, out, False, a.overwrite
 
 
 def cli(argv) -> int:
-    cfg, run_dir, resume = resolve(argv)
-    return train(cfg, run_dir, resume=resume)
+    cfg, run_dir, resume, overwrite = resolve(argv)
+    return train(cfg, run_dir, resume=resume, overwrite=overwrite)
 
 
 if __name__ == "__main__":

@@ -191,6 +191,9 @@ def test_resume_refuses_to_overwrite_and_needs_a_checkpoint(tmp_path):
     p = subprocess.run([sys.executable, "-m", "pgrpo", "train", "--config", FDR, "--resume", str(run)],
                        capture_output=True, text=True, cwd=ROOT, timeout=60)
     assert p.returncode == 2 and "not both" in p.stderr
+    p = subprocess.run([sys.executable, "-m", "pgrpo", "train", "--resume", str(run), "--overwrite"],
+                       capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert p.returncode == 2 and "--overwrite" in p.stderr
     C.save(C.load(FDR), str(run / "config.yaml"))
     p = subprocess.run([sys.executable, "-m", "pgrpo", "train", "--resume", str(run)],
                        capture_output=True, text=True, cwd=ROOT, timeout=120)
