@@ -81,16 +81,17 @@ def time_round_robin(fns: dict, device, repeat: int, min_total_s: float = 0.3, m
 
 def build_problem(device, dtype, scale, layers, k, seed=0):
     """Stacks per shape group (as the adapter hands them over) and v_hack packed in group-major order."""
-    gen = torch.Generator().manual_seed(seed)
+    gen = torch.Generator().manual_seed(seed)  # v_hack (small) on the CPU
+    dgen = torch.Generator(device=device).manual_seed(seed)  # the big stacks straight on the device
     groups = {}  # (o, i) -> list of kinds
     for kind, o, i in module_shapes(scale):
         groups.setdefault((o, i), []).append(kind)
     stacks, names, ranks, vh = [], [], [], {}
     for (o, i), kinds in groups.items():
         L, r = layers * len(kinds), min(o, i)
-        G = torch.randn(L, o, i, generator=gen).to(device=device, dtype=dtype)
-        U = (torch.randn(L, o, r, generator=gen) / math.sqrt(o)).to(device=device, dtype=dtype)
-        Vh = (torch.randn(L, r, i, generator=gen) / math.sqrt(i)).to(device=device, dtype=dtype)
+        G = torch.randn(L, o, i, generator=dgen, device=device, dtype=dtype)
+        U = torch.randn(L, o, r, generator=dgen, device=device, dtype=dtype).div_(math.sqrt(o))
+        Vh = torch.randn(L, r, i, generator=dgen, device=device, dtype=dtype).div_(math.sqrt(i))
         gnames = [f"{kind}.{l}" for kind in kinds for l in range(layers)]
         for n in gnames:
             q, _ = torch.linalg.qr(torch.randn(r, min(k, r), generator=gen))
