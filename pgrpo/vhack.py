@@ -164,20 +164,59 @@ def noise_floor_cut(S: dict, cut: float) -> dict:
     return keep
 
 
-def fit_vhack(D: torch.Tensor, names, offsets, k: int = 4, cut: float = 0.25) -> tuple[dict, dict]:
+def _contrast_eig(Dm: torch.Tensor, Nm: torch.Tensor, alpha: float):
+    """Top eigenpairs of C = Dm^T Dm - alpha * (n/m) Nm^T Nm, computed in the span of the rows (rank <= n+m,
+    so a 2560-wide module costs an (n+m)-sized eigh). Returns (sqrt of the positive eigenvalues, rows)."""
+    n, m = Dm.shape[0], Nm.shape[0]
+    Q, _ = torch.linalg.qr(torch.cat([Dm, Nm]).T)          # [r, n+m], orthonormal columns
+    Dq, Nq = Dm @ Q, Nm @ Q
+    C = Dq.T @ Dq - alpha * (n / m) * (Nq.T @ Nq)
+    w, U = torch.linalg.eigh(C)
+    w, U = w.flip(0), U.flip(1)
+    pos = w > 0
+    return w[pos].sqrt(), (Q @ U[:, pos]).T
+
+
+def contrast_rows(GH: torch.Tensor, GC: torch.Tensor, idx, seed: int) -> torch.Tensor:
+    """Zero-sum contrasts that are not hack vs clean, over the pairs `idx`: g(clean_i) - g(clean_j) and
+    g(hack_i) - g(hack_j), j a seeded derangement of i (what `--contrast` steers v_hack away from)."""
+    idx = list(idx)
+    if len(idx) < 2:
+        return torch.zeros(0, GH.shape[1], dtype=GH.dtype)
+    perm = idx[:]
+    random.Random(seed + 1).shuffle(perm)
+    j = perm[1:] + perm[:1]                                 # cyclic shift of a shuffle: never i == j
+    return torch.cat([GC[perm] - GC[j], GH[perm] - GH[j]])
+
+
+def fit_vhack(D: torch.Tensor, names, offsets, k: int = 4, cut: float = 0.25, N: torch.Tensor | None = None,
+              contrast: float = 0.0) -> tuple[dict, dict]:
     """Per module: SVD of the stacked D rows, top-k right singular vectors, majority-vote orientation;
     then the global noise-floor cut. Returns (V {name: [k_m, r_m] fp32}, S {name: [k_m] fp32}); modules
-    left with nothing are absent (the projection passes them through)."""
+    left with nothing are absent (the projection passes them through).
+
+    contrast > 0 (with N, rows of non-hack zero-sum gradients, see contrast_rows): instead of the SVD,
+    the top eigenvectors of D^T D - contrast * (n/m) N^T N (contrastive PCA): directions where
+    hack-vs-clean gradients have more energy than generic ones; S is the root of the eigenvalue. 0 = plain SVD.
+    """
     if k < 1:
         raise UserError(f"k must be >= 1, got {k}.")
+    if contrast < 0:
+        raise UserError(f"contrast must be >= 0, got {contrast}.")
+    use_contrast = contrast > 0 and N is not None and N.shape[0] > 0
     D = D.double()
     V_all, S_all = {}, {}
     for name, a, b in _blocks(names, offsets):
         Dm = D[:, a:b]
         if Dm.shape[1] == 0:
             continue
-        _, S, Vh = torch.linalg.svd(Dm, full_matrices=False)
+        if use_contrast:
+            S, Vh = _contrast_eig(Dm, N[:, a:b].double(), contrast)
+        else:
+            _, S, Vh = torch.linalg.svd(Dm, full_matrices=False)
         kk = min(k, S.numel())
+        if kk == 0:
+            continue
         V_all[name] = orient(Vh[:kk], Dm)
         S_all[name] = S[:kk]
     keep = noise_floor_cut(S_all, cut)
@@ -270,9 +309,11 @@ def evaluate(D_held: torch.Tensor, D_fit: torch.Tensor, V: dict, names, offsets)
     }
 
 
-def leave_one_style_out(D: torch.Tensor, pairs, names, offsets, k: int, cut: float, seed: int) -> dict:
+def leave_one_style_out(GH: torch.Tensor, GC: torch.Tensor, pairs, names, offsets, k: int, cut: float, seed: int,
+                        contrast: float = 0.0) -> dict:
     """Generalisation to an unseen kind of hack: for each style, fit on all other styles' pairs and
-    evaluate on that style's pairs (v_hack vs the random null). Linear algebra only (D is reused)."""
+    evaluate on that style's pairs (v_hack vs the random null). Linear algebra only (gradients are reused)."""
+    D = GH - GC
     styles = sorted({p.get("style") for p in pairs if p.get("style")})
     out = {}
     if len(styles) < 2:
@@ -280,7 +321,8 @@ def leave_one_style_out(D: torch.Tensor, pairs, names, offsets, k: int, cut: flo
     for s in styles:
         held = [i for i, p in enumerate(pairs) if p.get("style") == s]
         fit = [i for i, p in enumerate(pairs) if p.get("style") != s]
-        V, _ = fit_vhack(D[fit], names, offsets, k=k, cut=cut)
+        N = contrast_rows(GH, GC, fit, seed) if contrast > 0 else None
+        V, _ = fit_vhack(D[fit], names, offsets, k=k, cut=cut, N=N, contrast=contrast)
         r = evaluate(D[held], D[fit], V, names, offsets)
         n = evaluate(D[held], D[fit], random_vhack(V, D[fit], names, offsets, seed), names, offsets)
         out[s] = {"n_pairs": len(held), **{f"{key}": r[key] for key in ("accuracy", "mean_cosine", "removed_fraction")},
@@ -358,7 +400,7 @@ class _hack_knob_off:
 
 
 def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.25, heldout: float = 0.0,
-                   seed: int = 0, max_tokens: int | None = None, log=None) -> Extraction:
+                   seed: int = 0, max_tokens: int | None = None, log=None, contrast: float = 0.0) -> Extraction:
     """Gradients for every pair, fit on the fit split, report on the held-out split (if any)."""
     t0 = time.time()
     fit_idx, held_idx = split_pairs(len(pairs), heldout, seed)
@@ -372,9 +414,10 @@ def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.
     D = GH - GC
     names, offsets = list(adapter.names), list(adapter.offsets)
     D_fit = D[fit_idx]
-    V, S = fit_vhack(D_fit, names, offsets, k=k, cut=cut)
+    N_fit = contrast_rows(GH, GC, fit_idx, seed) if contrast > 0 else None
+    V, S = fit_vhack(D_fit, names, offsets, k=k, cut=cut, N=N_fit, contrast=contrast)
     report = {"n_pairs": len(pairs), "n_fit": len(fit_idx), "n_heldout": len(held_idx), "k": k, "cut": cut,
-              "seed": seed, "modules_total": len(names), "modules_kept": len(V),
+              "contrast": contrast, "seed": seed, "modules_total": len(names), "modules_kept": len(V),
               "directions_kept": int(sum(v.shape[0] for v in V.values()))}
     if held_idx:
         D_held = D[held_idx]
@@ -387,17 +430,17 @@ def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.
                 p["style"] = pairs[i].get("style")
         report["heldout"] = real
         report["null"] = null
-        report["leave_one_style_out"] = leave_one_style_out(D, pairs, names, offsets, k, cut, seed)
+        report["leave_one_style_out"] = leave_one_style_out(GH, GC, pairs, names, offsets, k, cut, seed, contrast)
         report["collateral"] = collateral(GH, GC, held_idx, D_fit, V, names, offsets, seed)
     return Extraction(V=V, S=S, fit_idx=fit_idx, held_idx=held_idx, report=report, seconds=time.time() - t0)
 
 
 def extract_vhack(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.25, seed: int = 0,
-                  max_tokens: int | None = None, log=None) -> dict:
+                  max_tokens: int | None = None, log=None, contrast: float = 0.0) -> dict:
     """The trainer's refresh entry point: v_hack {name: V [k_m, r_m] fp32} from all pairs at the current
     knobs (quarantine knob off). Leaves the adapter's grads cleared and its merge state as it found it."""
     return run_extraction(model, adapter, tokenizer, pairs, k=k, cut=cut, heldout=0.0, seed=seed,
-                          max_tokens=max_tokens, log=log).V
+                          max_tokens=max_tokens, log=log, contrast=contrast).V
 
 
 # ----------------------------------------------------------------------------- file format
@@ -451,7 +494,7 @@ def sha256_file(path) -> str:
 
 def format_report(rep: dict) -> str:
     lines = [f"v_hack: {rep['modules_kept']}/{rep['modules_total']} modules, {rep['directions_kept']} directions "
-             f"(k={rep['k']}, cut={rep['cut']}), fit on {rep['n_fit']} pairs, held out {rep['n_heldout']}"]
+             f"(k={rep['k']}, cut={rep['cut']}, contrast={rep.get('contrast', 0.0)}), fit on {rep['n_fit']} pairs, held out {rep['n_heldout']}"]
     if "heldout" in rep:
         h, n = rep["heldout"], rep["null"]
 
@@ -513,7 +556,7 @@ def build_model_adapter(cfg):
     return model, adapter, tok
 
 
-CACHE_KEYS = ("pairs_sha256", "model", "k", "cut", "heldout", "seed", "config_hash", "max_tokens")
+CACHE_KEYS = ("pairs_sha256", "model", "k", "cut", "contrast", "heldout", "seed", "config_hash", "max_tokens")
 
 
 def cli(argv) -> int:
@@ -524,6 +567,9 @@ def cli(argv) -> int:
     ap.add_argument("--pairs", help="pairs file (default: the config's arm.refresh_pairs, else the shipped pairs.json)")
     ap.add_argument("--k", type=int, default=4, help="directions per module before the cut (default 4)")
     ap.add_argument("--cut", type=float, default=0.25, help="drop this bottom fraction of all singular values (default 0.25)")
+    ap.add_argument("--contrast", type=float, default=0.0,
+                    help="contrastive PCA weight: steer v_hack away from generic (clean-vs-clean, hack-vs-hack) "
+                         "gradient directions; 0 = plain SVD of D (default)")
     ap.add_argument("--heldout", type=float, default=0.2, help="fraction of pairs held out for validation (default 0.2)")
     ap.add_argument("--seed", type=int, default=None, help="split/null seed (default: the config's seed)")
     ap.add_argument("--max-tokens", type=int, default=None, help="truncate prompt+completion to this many tokens (left)")
@@ -536,6 +582,8 @@ def cli(argv) -> int:
         raise UserError(f"--k must be >= 1, got {a.k}.")
     if not 0 <= a.cut < 1:
         raise UserError(f"--cut must be in [0, 1), got {a.cut}.")
+    if a.contrast < 0:
+        raise UserError(f"--contrast must be >= 0, got {a.contrast}.")
     if not 0 <= a.heldout < 1:
         raise UserError(f"--heldout must be in [0, 1), got {a.heldout}.")
 
@@ -547,7 +595,7 @@ def cli(argv) -> int:
     seed = cfg.seed if a.seed is None else a.seed
     device, dtype = resolve_device_dtype(cfg)
     meta = {"pairs_sha256": pairs_sha256(pairs_path), "pairs_path": os.fspath(pairs_path), "model": cfg.model.name,
-            "k": str(a.k), "cut": str(a.cut), "heldout": str(a.heldout), "seed": str(seed),
+            "k": str(a.k), "cut": str(a.cut), "contrast": str(a.contrast), "heldout": str(a.heldout), "seed": str(seed),
             "config_hash": config_hash(cfg), "adapter_mode": cfg.adapter.mode, "dtype": dtype, "step": "0",
             "max_tokens": str(a.max_tokens), "n_pairs": str(len(pairs))}
 
@@ -579,7 +627,7 @@ def cli(argv) -> int:
     log(f"extract: {cfg.model.name} on {device}/{dtype}, {len(adapter.names)} modules, R={adapter.R}, "
         f"{len(pairs)} pairs from {pairs_path} (loaded in {t_load:.1f}s)")
     ex = run_extraction(model, adapter, tok, pairs, k=a.k, cut=a.cut, heldout=a.heldout, seed=seed,
-                        max_tokens=a.max_tokens, log=log)
+                        max_tokens=a.max_tokens, log=log, contrast=a.contrast)
     ex.report.update({"seconds_extract": round(ex.seconds, 3), "seconds_load": round(t_load, 3),
                       "fit_pairs": ex.fit_idx, "heldout_pairs": ex.held_idx,
                       "metadata": meta, "out": os.fspath(a.out)})

@@ -136,6 +136,36 @@ def test_fit_recovers_and_orients_planted_direction():
         assert float(V2[name][0] @ U[name]) < -0.95
 
 
+def test_contrast_steers_away_from_generic_directions():
+    """Hack-vs-clean gradients = small planted hack direction u + a large generic direction w whose
+    coefficient differs between the two completions (so w survives in D too). Plain SVD picks w;
+    contrastive PCA against non-hack contrasts (which carry w but not u) picks u."""
+    gen = torch.Generator().manual_seed(0)
+    n, r = 60, 16
+    u, w = _unit_rows(2, r, gen)
+    gh = 0.5 * u + 3.0 * torch.randn(n, 1, generator=gen) * w + 0.05 * torch.randn(n, r, generator=gen)
+    gc = -0.5 * u + 3.0 * torch.randn(n, 1, generator=gen) * w + 0.05 * torch.randn(n, r, generator=gen)
+    D = gh - gc
+    fit = list(range(n))
+    N = vhack.contrast_rows(gh, gc, fit, seed=0)
+    assert N.shape == (2 * n, r)
+    V0, _ = vhack.fit_vhack(D, ["m"], [0, r], k=1, cut=0.0)
+    Vc, _ = vhack.fit_vhack(D, ["m"], [0, r], k=1, cut=0.0, N=N, contrast=2.0)
+    assert abs(float(V0["m"][0] @ w)) > 0.9                  # the SVD of D is dominated by the generic w
+    assert float(Vc["m"][0] @ u) > 0.95                      # the contrast finds the hack direction, oriented +
+    assert torch.allclose(Vc["m"] @ Vc["m"].T, torch.eye(1), atol=1e-5)
+    V00, _ = vhack.fit_vhack(D, ["m"], [0, r], k=1, cut=0.0, N=N, contrast=0.0)
+    assert torch.equal(V00["m"], V0["m"])                    # contrast 0 is exactly the plain SVD
+
+
+def test_contrast_rows_never_pair_a_completion_with_itself():
+    GH = torch.arange(10.0)[:, None].repeat(1, 3)
+    GC = 100 + GH
+    N = vhack.contrast_rows(GH, GC, [1, 3, 4, 7, 9], seed=5)
+    assert N.shape == (10, 3) and (N != 0).all()
+    assert vhack.contrast_rows(GH, GC, [2], seed=0).shape == (0, 3)
+
+
 def test_orient_majority_vote_not_sum():
     """3 pairs project slightly positive and 1 strongly negative: the vote says +."""
     v = torch.tensor([[1.0, 0.0]])
