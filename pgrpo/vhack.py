@@ -276,28 +276,28 @@ def evaluate(D_held: torch.Tensor, D_fit: torch.Tensor, V: dict, names, offsets)
     if not blocks or D_held.shape[0] == 0:
         return {"n_pairs": int(D_held.shape[0]), "accuracy": None, "mean_cosine": None,
                 "coef_accuracy": None, "removed_fraction": None, "per_pair": []}
-    u_parts = []
-    for name, a, b in blocks:
+    n = D_held.shape[0]
+    dot_u = torch.zeros(n, dtype=torch.float64)       # D . u per pair
+    d_sq = torch.zeros(n, dtype=torch.float64)        # ||D||^2 over the modules in V
+    removed_sq = torch.zeros(n, dtype=torch.float64)  # ||relu(V D) V||^2 = ||relu(V D)||^2 (orthonormal rows)
+    u_sq, pos_coef, tot_coef = 0.0, 0, 0
+    for name, a, b in blocks:                          # one small matmul per module, all pairs at once
         Vm = V[name].double()
         s = (D_fit[:, a:b].double() @ Vm.T).norm(dim=0)  # [k]
-        u_parts.append(s @ Vm)
-    u = torch.cat(u_parts)
-    per_pair = []
-    pos_coef = tot_coef = 0
-    for i in range(D_held.shape[0]):
-        d_parts, removed_sq = [], 0.0
-        for name, a, b in blocks:
-            dm = D_held[i, a:b].double()
-            c = V[name].double() @ dm
-            pos_coef += int((c > 0).sum())
-            tot_coef += c.numel()
-            removed_sq += float((c.clamp_min(0) ** 2).sum())  # rows orthonormal: ||relu(c) V||^2 = ||relu(c)||^2
-            d_parts.append(dm)
-        d = torch.cat(d_parts)
-        dn = float(d.norm())
-        cos = float(d @ u) / (dn * float(u.norm()) + 1e-30)
-        per_pair.append({"cosine": cos, "positive": cos > 0,
-                         "removed_fraction": math.sqrt(removed_sq) / (dn + 1e-30)})
+        um = s @ Vm
+        u_sq += float(um @ um)
+        Dm = D_held[:, a:b].double()
+        c = Dm @ Vm.T                                  # [n, k]
+        dot_u += Dm @ um
+        d_sq += (Dm * Dm).sum(1)
+        removed_sq += (c.clamp_min(0) ** 2).sum(1)
+        pos_coef += int((c > 0).sum())
+        tot_coef += c.numel()
+    dn = d_sq.sqrt()
+    cos = dot_u / (dn * math.sqrt(u_sq) + 1e-30)
+    rem = removed_sq.sqrt() / (dn + 1e-30)
+    per_pair = [{"cosine": float(cos[i]), "positive": bool(cos[i] > 0), "removed_fraction": float(rem[i])}
+                for i in range(n)]
     n = len(per_pair)
     return {
         "n_pairs": n,
