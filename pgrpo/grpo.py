@@ -156,17 +156,6 @@ def projection_stats(stats: torch.Tensor, ks: torch.Tensor) -> dict:
     return {"proj_removed_frac": float(frac.mean()), "proj_fired_frac": float((stats[active, 1] > 0).float().mean())}
 
 
-def basis_overlap(old: dict, new: dict) -> float:
-    """Mean over shared modules of ||V_old V_new^T||_F^2 / min(k_old, k_new): 1 = same subspace, 0 = orthogonal."""
-    vals = []
-    for name in set(old) & set(new):
-        a, b = old[name].float(), new[name].float()
-        if a.numel() == 0 or b.numel() == 0:
-            continue
-        vals.append(float((a @ b.T).pow(2).sum()) / min(a.shape[0], b.shape[0]))
-    return sum(vals) / len(vals) if vals else 0.0
-
-
 # ----------------------------------------------------------------------------- the arm + optimizer step
 
 def g_offsets_of(adapter, device=None) -> torch.Tensor:

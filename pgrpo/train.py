@@ -298,17 +298,18 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             if cfg.arm.vhack_refresh_every and step % cfg.arm.vhack_refresh_every == 0 and step < cfg.steps:
                 t0 = time.perf_counter()
                 from pgrpo.data.pairs import load_pairs
-                from pgrpo.vhack import extract_vhack
+                from pgrpo.vhack import extract_vhack, vhack_overlap
                 with grpo.quarantine_zeroed(adapter):
                     V_new = extract_vhack(model, adapter, tok, load_pairs(cfg.arm.refresh_pairs),
                                           k=int(vhack_meta.get("k", 4)), cut=float(vhack_meta.get("cut", 0.25)),
                                           seed=cfg.seed)
-                refresh = {"vhack_overlap": grpo.basis_overlap(V, V_new), "refresh_s": time.perf_counter() - t0}
+                refresh = {"vhack_overlap": vhack_overlap(V, V_new), "refresh_s": time.perf_counter() - t0}
                 V, packed = V_new, pack_vhack(adapter.names, adapter.ranks, V_new, device)
 
             # ---- metrics row, TIMING line, live line
             timing["total"] = time.perf_counter() - t_step
-            policy = [r for r, grp_t in zip(results, [t for grp in groups for t in grp.teacher]) if not grp_t] or results
+            is_teacher = [t for grp in groups for t in grp.teacher]          # rates are over the policy's own samples
+            policy = [r for r, t in zip(results, is_teacher) if not t] or results
             row = {"step": step, "lr": lr, "time": time.time(),
                    "reward_mean": float(np.mean([r["reward"] for r in policy])),
                    "hack_rate": float(np.mean([r["label"] == "reward_hack" for r in policy])),
