@@ -219,6 +219,23 @@ def test_heldout_report_beats_null_on_planted_direction():
     assert real["removed_fraction"] > null["removed_fraction"] + 0.3
 
 
+def test_collateral_known_answer():
+    """g(hack) = +u/2 + generic, g(clean) = -u/2 + generic' with the generic parts orthogonal to u: with
+    V = u, penalizing the hack or reinforcing the clean loses nothing, nor do zero-sum non-hack contrasts."""
+    gen = torch.Generator().manual_seed(0)
+    r, n = 12, 6
+    u = _unit_rows(1, r, gen)
+    P = torch.eye(r) - u.T @ u
+    GH = 0.5 * u + torch.randn(n, r, generator=gen) @ P
+    GC = -0.5 * u + torch.randn(n, r, generator=gen) @ P
+    c = vhack.collateral(GH, GC, list(range(n)), GH - GC, {"m": u}, ["m"], [0, r], seed=0)
+    for key in ("penalize_hack", "reinforce_clean", "clean_vs_clean", "hack_vs_hack"):
+        assert c[key]["removed_fraction"] == pytest.approx(0.0, abs=1e-6), key
+    expect = (0.5 / GH.norm(dim=1)).mean()
+    assert c["reinforce_hack"]["removed_fraction"] == pytest.approx(float(expect), rel=1e-5)
+    assert c["penalize_clean"]["removed_fraction"] == pytest.approx(float((0.5 / GC.norm(dim=1)).mean()), rel=1e-5)
+
+
 def test_vhack_overlap():
     gen = torch.Generator().manual_seed(0)
     A = {"a": _unit_rows(3, 10, gen), "b": _unit_rows(2, 6, gen)}
