@@ -450,3 +450,27 @@ def test_route_run_with_vhack_refresh(tmp_path, monkeypatch):
     assert rows[0]["delta_hack_norm"] > 0 and "proj_removed_frac" in rows[1]
     _, tensors, _, _ = ckpt.load(os.path.join(run, "ckpt_000002.safetensors"))
     assert any(k.startswith("vhack/") for k in tensors) and tensors["delta_hack"].abs().sum() > 0
+
+
+def test_micro_batches_accumulate_the_whole_group_gradient(setup):
+    """grpo.micro_batch splits a group's loss fwd/bwd; the summed gradient is the whole group's."""
+    from pgrpo.model import ByteTokenizer
+    ad, model = setup["adapter"], setup["model"]
+    gen = torch.Generator().manual_seed(9)
+    grp = rollout.Group(0, torch.randint(0, 256, (30,), generator=gen).tolist(),
+                        [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 11, 8, 3)], [""] * 4, [False] * 4)
+    adv = torch.tensor([1.0, -2.0, 0.5, 0.5])
+    pad = ByteTokenizer().pad_token_id
+    grads = []
+    for size in (0, 3, 1):
+        ad.zero_grad()
+        seen = []
+        for ids, attn, cm, rows in rollout.micro_batches(grp, pad, "cpu", size):
+            logp = grpo.completion_logprobs(model, ids, attn, cm)
+            loss, _ = grpo.pg_token_loss(logp, logp.detach(), adv[rows], cm)
+            (loss / 50).backward()
+            seen += rows.tolist()
+        assert seen == [0, 1, 2, 3]
+        grads.append(ad.collect_grad().clone())
+    assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
+    assert grads[0].norm() > 0
