@@ -57,6 +57,7 @@ class RolloutConfig:
     temperature: float = 1.0           # 0 = greedy
     top_p: float = 1.0
     groups_per_generate: int = 4       # groups batched into one generate() call
+    enable_thinking: bool = False      # Qwen3 chat template's thinking mode (False = the empty <think> block)
 
 
 @dataclass

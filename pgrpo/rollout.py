@@ -29,6 +29,14 @@ class Group:
     teacher: list[bool] = field(default_factory=list)            # True where a teacher completion was mixed in
 
 
+def encode_prompt(tok, messages, enable_thinking: bool = False) -> list[int]:
+    """Chat messages -> prompt token ids, exactly as the trainer renders them (reuse this wherever a prompt must
+    match training, e.g. v_hack extraction). `enable_thinking` reaches Qwen3's chat template (False renders an
+    empty <think></think> block, so the answer starts at once); templates without the switch ignore it."""
+    text = tok.apply_chat_template(list(messages), add_generation_prompt=True, enable_thinking=enable_thinking)
+    return list(tok.encode(text))
+
+
 def _left_pad(seqs, pad_id, device):
     n = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), n), pad_id, dtype=torch.long)

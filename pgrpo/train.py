@@ -179,7 +179,7 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             raise UserError(f"arm.vhack_path {cfg.arm.vhack_path} does not fit this adapter ({e}).") from None
 
     # ---- prompts (tokenized once) and the data order
-    prompt_ids = [tok.encode(tok.apply_chat_template(build_prompt(p, cfg.data.loophole), add_generation_prompt=True))
+    prompt_ids = [rollout.encode_prompt(tok, build_prompt(p, cfg.data.loophole), cfg.rollout.enable_thinking)
                   for p in problems]
     problem_rows = [problem_to_row(p) for p in problems]
     P, Gs = cfg.data.prompts_per_step, cfg.rollout.group_size
