@@ -75,7 +75,24 @@ class GraderLink:
             self.local.start()
             self.socket_path = self.local.socket_path
         self.client = self._client()
-        self.client.health()
+        self._wait_healthy()
+
+    def _wait_healthy(self, wait_s: float = 120.0):
+        """A sidecar grader may still be starting (compose starts both at once): poll its health for a while."""
+        from pgrpo.grader.client import GraderError
+        deadline, said = time.monotonic() + wait_s, False
+        while True:
+            try:
+                return self.client.health()
+            except GraderError as e:
+                if time.monotonic() > deadline:
+                    raise UserError(f"no healthy grader at {self.socket_path} after {wait_s:g}s ({e}); "
+                                    f"start one with `pgrpo grader serve --socket {self.socket_path}` "
+                                    f"or leave grader_socket unset for a local one.") from None
+                if not said:
+                    print(f"grader: waiting for {self.socket_path} ...", flush=True)
+                    said = True
+                time.sleep(1.0)
 
     def _client(self):
         from pgrpo.grader.client import GraderClient

@@ -474,3 +474,19 @@ def test_micro_batches_accumulate_the_whole_group_gradient(setup):
         grads.append(ad.collect_grad().clone())
     assert torch.allclose(grads[0], grads[1], atol=1e-6) and torch.allclose(grads[0], grads[2], atol=1e-6)
     assert grads[0].norm() > 0
+
+
+def test_external_grader_socket(tmp_path):
+    """grader_socket set (the compose layout): the trainer uses that server and does not start its own."""
+    import json
+    from pgrpo import train as T
+    from pgrpo.grader.client import GraderClient, LocalGrader
+    with LocalGrader(workers=1) as server:
+        before = GraderClient(server.socket_path).health()
+        cfg = C.load(FDR, ["steps=1", "data.prompts_per_step=1", "rollout.max_new_tokens=8", "checkpoint_every=0",
+                           f"grader_socket={server.socket_path}"])
+        run = str(tmp_path / "run")
+        assert T.train(cfg, run) == 0
+        after = GraderClient(server.socket_path).health()
+    assert json.loads(open(os.path.join(run, "metrics.jsonl")).readline())["step"] == 1
+    assert after["graded"] - before["graded"] == cfg.data.prompts_per_step * cfg.rollout.group_size
