@@ -147,6 +147,18 @@ def welch(a, b, level=0.95):
     return out
 
 
+def paired(pairs, level=0.95):
+    """Mean of per-seed differences (b - a) over seeds present in both arms, its SE and t interval (df n-1).
+    Seeds of the two arms share the base model and data order, so pairing removes that shared variance;
+    shown next to the preregistered Welch numbers, never used by the decision rule."""
+    d = [b - a for a, b in pairs]
+    out = {"diff": mean(d), "se": sem(d), "df": float(len(d) - 1), "ci": None, "n": len(d)}
+    if len(d) >= 2:
+        half = (t_ppf(0.5 + level / 2.0, len(d) - 1) * out["se"]) if out["se"] > 0 else 0.0
+        out["ci"] = (out["diff"] - half, out["diff"] + half)
+    return out
+
+
 # ----------------------------------------------------------------------------------------- run reading
 def _lookup(row, names):
     for name in names:
@@ -398,6 +410,13 @@ def build(runs, window=None, min_seeds=MIN_SEEDS):
         p = [s[k] for s in by_arm.get("projected", []) if s.get(k) is not None]
         if v and p:
             extra[k] = welch(v, p)
+    pv = {s["seed"]: s for s in by_arm.get("vanilla", [])}
+    pp = {s["seed"]: s for s in by_arm.get("projected", [])}
+    for k in ("hack_final", "pass_final", "heldout_dlogodds"):
+        pairs = [(pv[sd][k], pp[sd][k]) for sd in sorted(set(pv) & set(pp))
+                 if pv[sd].get(k) is not None and pp[sd].get(k) is not None]
+        if len(pairs) >= 2:
+            extra[f"paired_{k}"] = paired(pairs)
     notes = []
     hk = "eval_hack" if use_eval else "hack_final"
     if "vanilla" in arms and hk in arms["vanilla"] and arms["vanilla"][hk]["mean"] < DEGENERATE_HACK:
@@ -465,6 +484,11 @@ def render_markdown(rep, plots=()):
     if "heldout_dlogodds" in rep["secondary"]:
         L.append(drow("held-out log-odds change since step 0 (per token)", rep["secondary"]["heldout_dlogodds"],
                       pp=False))
+    for k, label, pp_ in (("paired_hack_final", "hack rate, paired by seed (not in the rule)", True),
+                          ("paired_pass_final", "pass rate, paired by seed (not in the rule)", True),
+                          ("paired_heldout_dlogodds", "held-out log-odds change, paired by seed", False)):
+        if k in rep["secondary"]:
+            L.append(drow(label, rep["secondary"][k], pp=pp_))
     if rep["other_arms"]:
         L += ["", f"Other arms shown but not part of H1: {', '.join(rep['other_arms'])}."]
     L += ["", "## Decision rule (preregistered)", "", DECISION_RULE, ""]

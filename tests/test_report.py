@@ -209,3 +209,14 @@ def test_degenerate_substrate_is_flagged(tmp_path):
     assert ho["ci"][1] < 0
     assert os.path.exists(tmp_path / "o" / "heldout.png")
     assert "> Note: vanilla barely hacks" in (tmp_path / "o" / "report.md").read_text()
+
+
+def test_paired_by_seed_differences(tmp_path):
+    # Per-seed differences -0.1, -0.2, -0.3: mean -0.2, SE 0.1/sqrt(3), t quantile at df 2.
+    arms(tmp_path, [0.5, 0.6, 0.7], [0.4, 0.4, 0.4], [0.3] * 3, [0.3] * 3)
+    rep = R.report([str(tmp_path)], out=str(tmp_path / "o"), plots=False)
+    p = rep["secondary"]["paired_hack_final"]
+    assert p["diff"] == pytest.approx(-0.2) and p["n"] == 3
+    assert p["se"] == pytest.approx(0.1 / math.sqrt(3))
+    assert p["ci"][0] == pytest.approx(-0.2 - 4.302653 * 0.1 / math.sqrt(3), abs=1e-6)
+    assert "paired by seed" in (tmp_path / "o" / "report.md").read_text()
