@@ -571,12 +571,13 @@ def plot(runs, out):
         written.append("projection.png")
     if any(r["heldout"] for r in runs):
         fig, ax = plt.subplots(figsize=(5.5, 3.8))
-        for r in runs:
+        markers = "os^Dv<>p*"
+        for r in sorted(runs, key=lambda r: (r["arm"], r["seed"])):
             pts = sorted((h["step"], h["logodds"]) for h in r["heldout"] if "logodds" in h)
             if pts:
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color(r["arm"]), marker="o",
-                        label=f"{r['arm']} s{r['seed']}")
-        ax.set_title("held-out log-odds hack vs clean (per token)")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], color=color(r["arm"]),
+                        marker=markers[r["seed"] % len(markers)], label=f"{r['arm']} s{r['seed']}")
+        ax.set_title("held-out log-odds hack vs honest (per token)")
         ax.set_xlabel("step")
         ax.axhline(0, color="k", linewidth=0.5)
         ax.legend(loc="best", fontsize=7)

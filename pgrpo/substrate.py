@@ -161,7 +161,7 @@ def heldout_metrics(model, tok, rows) -> dict:
             "lp_hack": sum(hack) / n, "lp_honest": sum(honest) / n, "lp_clean": sum(clean) / n, "n": n}
 
 
-def heldout(run_dir, data_dir, log=print):
+def heldout(run_dir, data_dir, threads=1, log=print):
     """Evaluate the held-out metric at step 0 (delta = 0) and at every checkpoint of the run."""
     import torch
     from pgrpo import checkpoint as ckpt
@@ -177,6 +177,8 @@ def heldout(run_dir, data_dir, log=print):
         rows = json.load(f)
     cfg = C.load(cpath, check_files=False)
     torch.set_grad_enabled(False)
+    if threads:
+        torch.set_num_threads(threads)  # 1 is fastest for the tiny model on a shared 2-core box
     model, adapter, tok = build_model_adapter(cfg)
     paths = sorted(glob.glob(os.path.join(run_dir, "ckpt_*.safetensors")))
     out = []
@@ -206,6 +208,7 @@ def main(argv=None):
     h = sub.add_parser("heldout", help="teacher-forced held-out log-odds for every checkpoint of a run")
     h.add_argument("run")
     h.add_argument("--data", required=True, help="the directory `build` wrote")
+    h.add_argument("--threads", type=int, default=1, help="torch intra-op threads (0 = torch's default)")
     a = ap.parse_args(argv)
     try:
         if a.cmd == "build":
@@ -217,7 +220,7 @@ def main(argv=None):
                         return 0
             build(a.out, n_train=a.n_train, grade=not a.no_grade)
         else:
-            heldout(a.run, a.data)
+            heldout(a.run, a.data, threads=a.threads)
     except UserError as e:
         print(f"pgrpo.substrate: {e}", file=sys.stderr)
         return 2
