@@ -3,7 +3,8 @@
 Tensors: the knobs (`delta`, `delta_hack`), AdamW state (`optim/<i>/exp_avg`, `optim/<i>/exp_avg_sq`,
 `optim/<i>/step`), the data order, and the RNG states (torch cpu/cuda, python `random`, numpy) stored as
 uint8 tensors. Metadata (safetensors allows only str -> str): format version, step, the resolved config and
-the per-step metric rows as JSON strings, so a checkpoint alone says how it was made and what it did.
+the per-step metric rows as JSON strings, so a checkpoint alone says how it was made and what it did, and a
+sha256 over all tensors (a flipped byte in the data would otherwise load silently).
 
 Written to a temp name in the same directory and `os.replace`d, so a crash never leaves a half-written
 `ckpt_*.safetensors`; a file that is corrupted anyway (truncated, garbled, wrong metadata) is refused with a
@@ -12,6 +13,7 @@ UserError and never half-loaded.
 from __future__ import annotations
 
 import glob
+import hashlib
 import json
 import os
 import pickle
@@ -80,6 +82,16 @@ def load_optimizer_tensors(opt: torch.optim.Optimizer, tensors: dict[str, torch.
             opt.state[p] = state
 
 
+def _digest(tensors: dict[str, torch.Tensor]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes: any flipped byte of the data is caught on load."""
+    h = hashlib.sha256()
+    for k in sorted(tensors):
+        t = tensors[k].detach().cpu().contiguous()
+        h.update(f"{k}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.view(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
 def save(run_dir: str, step: int, tensors: dict[str, torch.Tensor], config: dict, rows: list[dict]) -> str:
     """Write run_dir/ckpt_{step:06d}.safetensors atomically and return its path."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
@@ -88,6 +100,7 @@ def save(run_dir: str, step: int, tensors: dict[str, torch.Tensor], config: dict
         "step": str(step),
         "config": json.dumps(config),
         "rows": json.dumps(rows),
+        "sha256": _digest(tensors),
     }
     path = os.path.join(run_dir, f"ckpt_{step:06d}.safetensors")
     tmp = f"{path}.tmp.{os.getpid()}"
@@ -118,6 +131,8 @@ def load(path: str) -> tuple[int, dict[str, torch.Tensor], dict, list[dict]]:
             raise ValueError("config must be an object and rows a list")
     except (KeyError, ValueError) as e:
         raise UserError(f"checkpoint {path} has corrupted metadata ({e}); not loaded.") from None
+    if meta.get("sha256") != _digest(tensors):
+        raise UserError(f"checkpoint {path} is corrupted (its tensors do not match the checksum in its metadata); not loaded.")
     for need in ("delta", "data_order", "rng/torch_cpu"):
         if need not in tensors:
             raise UserError(f"checkpoint {path} lacks tensor {need!r}; not loaded.")

@@ -88,9 +88,9 @@ def test_corrupted_file_is_refused(tmp_path, damage):
         data = data[: len(data) // 2]
     elif damage == "garble_header":
         data[8:40] = b"\xff" * 32
-    elif damage == "garble_data":  # header intact, tensor bytes NaN-filled: caught by the finiteness check
+    elif damage == "garble_data":  # header intact, one byte of tensor data flipped: caught by the checksum
         hdr = int.from_bytes(data[:8], "little") + 8
-        data[hdr:] = b"\xff" * (len(data) - hdr)
+        data[(hdr + len(data)) // 2] ^= 0x01
     else:
         data = bytearray()
     open(path, "wb").write(bytes(data))
@@ -98,17 +98,26 @@ def test_corrupted_file_is_refused(tmp_path, damage):
         ckpt.load(path)
 
 
-@pytest.mark.parametrize("meta", [
-    {"format": "something-else", "step": "1", "config": "{}", "rows": "[]"},
-    {"format": ckpt.FORMAT, "step": "x", "config": "{}", "rows": "[]"},
-    {"format": ckpt.FORMAT, "step": "1", "config": "{not json", "rows": "[]"},
-    {"format": ckpt.FORMAT, "step": "1", "config": "{}"},
+def _meta_ok(**kw):
+    t = {"delta": torch.zeros(3), "data_order": torch.arange(3), "rng/torch_cpu": torch.get_rng_state()}
+    return t, {"format": ckpt.FORMAT, "step": "1", "config": "{}", "rows": "[]", "sha256": ckpt._digest(t), **kw}
+
+
+@pytest.mark.parametrize("bad,match", [
+    ({"format": "something-else"}, "not a pgrpo checkpoint"),
+    ({"step": "x"}, "corrupted metadata"),
+    ({"config": "{not json"}, "corrupted metadata"),
+    ({"rows": None}, "corrupted metadata"),
+    ({"sha256": "0" * 64}, "checksum"),
 ])
-def test_bad_metadata_is_refused(tmp_path, meta):
+def test_bad_metadata_is_refused(tmp_path, bad, match):
     path = str(tmp_path / "ckpt_000001.safetensors")
-    save_file({"delta": torch.zeros(3), "data_order": torch.arange(3), "rng/torch_cpu": torch.get_rng_state()},
-              path, metadata=meta)
-    with pytest.raises(UserError):
+    t, meta = _meta_ok()
+    save_file(t, path, metadata=meta)
+    assert ckpt.load(path)[0] == 1  # the well-formed file loads
+    meta = {k: v for k, v in {**meta, **bad}.items() if v is not None}
+    save_file(t, path, metadata=meta)
+    with pytest.raises(UserError, match=match):
         ckpt.load(path)
 
 
