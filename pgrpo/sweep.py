@@ -600,8 +600,10 @@ def format_status(sw):
 def cli(argv):
     argv = list(argv)
     sub = "run"
-    if argv and argv[0] in ("status", "run"):
-        sub = argv.pop(0)
+    for i, a in enumerate(argv):  # `pgrpo sweep status --config X` or `pgrpo sweep --config X status`
+        if a in ("status", "run") and (i == 0 or argv[i - 1] != "--config"):
+            sub = argv.pop(i)
+            break
     ap = argparse.ArgumentParser(prog=f"pgrpo sweep{' status' if sub == 'status' else ''}",
                                  description="Run (or show the state of) a seeds x arms sweep.")
     ap.add_argument("--config", required=True, help="sweep YAML, e.g. jobs/sweep-full.yaml")
