@@ -48,6 +48,9 @@ class DataConfig:
     loophole: str = "run_tests"        # loophole mode hinted in every prompt
     prompts_per_step: int = 4          # distinct problems per step; rollouts/step = prompts_per_step * G
     max_problems: int = 0              # 0 = all; else use only the first N problems (quick experiments)
+    eval_problems: int = 0             # hold out the file's last N problems for evaluation (never trained on)
+    eval_every: int = 0                # evaluate every K steps and at the end; 0 = never
+    eval_samples: int = 4              # sampled completions per held-out problem
 
 
 @dataclass
@@ -277,6 +280,14 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         bad("data.prompts_per_step", "must be at least 1")
     if cfg.data.max_problems < 0:
         bad("data.max_problems", "must be >= 0 (0 = all)")
+    if cfg.data.eval_problems < 0:
+        bad("data.eval_problems", "must be >= 0 (0 = no held-out evaluation)")
+    if cfg.data.eval_every < 0:
+        bad("data.eval_every", "must be >= 0 (0 = never)")
+    if cfg.data.eval_every and not cfg.data.eval_problems:
+        bad("data.eval_every", "needs data.eval_problems > 0 (the held-out problems to evaluate on)")
+    if cfg.data.eval_samples < 1:
+        bad("data.eval_samples", "must be at least 1")
     if cfg.rollout.group_size < 2:
         bad("rollout.group_size", f"must be at least 2 (group-relative advantages need two samples), got {cfg.rollout.group_size}")
     if cfg.rollout.max_new_tokens < 1:

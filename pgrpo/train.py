@@ -12,6 +12,7 @@ delta_S as an uninterrupted one (bitwise on CPU; tests/test_train.py checks it).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import random
 import signal
@@ -145,6 +146,12 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
     # ---- run dir, problems and the checkpoint to resume from: everything that can fail before the model loads
     os.makedirs(run_dir, exist_ok=True)
     problems = builtin_problems() if cfg.data.problems == "builtin" else load_problems(cfg.data.problems)
+    n_eval = cfg.data.eval_problems
+    if n_eval and n_eval >= len(problems):
+        raise UserError(f"config key data.eval_problems is {n_eval}, but the problem set has only {len(problems)} "
+                        f"problems; leave some to train on.")
+    eval_problems = problems[len(problems) - n_eval:] if n_eval else []   # the file's last N: never trained on
+    problems = problems[:len(problems) - n_eval]
     if cfg.data.max_problems:
         problems = problems[:cfg.data.max_problems]
     resume_from = None
@@ -199,6 +206,9 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
     prompt_ids = [rollout.encode_prompt(tok, build_prompt(p, cfg.data.loophole), cfg.rollout.enable_thinking)
                   for p in problems]
     problem_rows = [problem_to_row(p) for p in problems]
+    eval_prompt_ids = [rollout.encode_prompt(tok, build_prompt(p, cfg.data.loophole), cfg.rollout.enable_thinking)
+                       for p in eval_problems]
+    eval_rows = [problem_to_row(p) for p in eval_problems]
     P, Gs = cfg.data.prompts_per_step, cfg.rollout.group_size
     order = data_order(len(problems), P, cfg.steps, cfg.seed)
     start, rows = 0, []
@@ -221,7 +231,7 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
         adapter.merge()
         print(f"resume: {run_dir} from step {start}", flush=True)
     print(f"train: {cfg.model.name} on {device}/{dtype}, adapter {adapter.mode} {len(adapter.names)} modules R={adapter.R}, "
-          f"arm {cfg.arm.name}, {len(problems)} problems, {P}x{Gs} rollouts/step, steps {start + 1}..{cfg.steps} "
+          f"arm {cfg.arm.name}, {len(problems)} problems (+{len(eval_problems)} held out), {P}x{Gs} rollouts/step, steps {start + 1}..{cfg.steps} "
           f"(loaded in {time.perf_counter() - t_load:.1f}s)", flush=True)
 
     metrics = Metrics(run_name, cfg.arm.name, cfg.seed, cfg.metrics_port)
@@ -244,6 +254,30 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             path = ckpt.save(run_dir, step, tensors, C.to_dict(cfg), rows)
             metrics.checkpoint_saved()
             print(f"checkpoint: {path}", flush=True)
+
+        def evaluate(step):
+            """Held-out evaluation: eval_samples sampled completions per held-out problem, graded; the route arm's
+            quarantine knob is off (the deployed policy). Seeded apart from training, so it changes nothing."""
+            t0 = time.perf_counter()
+            torch.manual_seed(cfg.seed * 1000003 + 999983 + step)
+            ecfg = dataclasses.replace(cfg.rollout, group_size=cfg.data.eval_samples)
+            with grpo.quarantine_zeroed(adapter):
+                egroups = rollout.generate_groups(model, tok, eval_prompt_ids, list(range(len(eval_problems))),
+                                                  ecfg, device)
+            res = grader.grade([{"problem": eval_rows[grp.problem_index], "response": text,
+                                 "mode": cfg.data.loophole, "id": f"eval{step}:{gi}:{j}"}
+                                for gi, grp in enumerate(egroups) for j, text in enumerate(grp.texts)])
+            erow = {"kind": "eval", "step": step, "time": time.time(), "n": len(res),
+                    "reward_mean": float(np.mean([r["reward"] for r in res])),
+                    "hack_rate": float(np.mean([r["label"] == "reward_hack" for r in res])),
+                    "pass_rate": float(np.mean([bool(r["gt_pass"]) for r in res])),
+                    **{f"frac_{lab}": float(np.mean([r["label"] == lab for r in res])) for lab in LABELS},
+                    "tokens_generated": sum(len(c) for grp in egroups for c in grp.completions),
+                    "eval_s": round(time.perf_counter() - t0, 4)}
+            rows.append(erow)
+            log.write(erow)
+            print(f"eval step {step}: hack {erow['hack_rate']:.2f} pass {erow['pass_rate']:.2f} "
+                  f"reward {erow['reward_mean']:.2f} over {len(res)} held-out samples ({erow['eval_s']:.1f}s)", flush=True)
 
         for step in range(start + 1, cfg.steps + 1):
             t_step = time.perf_counter()
@@ -343,6 +377,8 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             print(timing_line(row), flush=True)
             print(progress_line(row, cfg.steps), flush=True)
 
+            if eval_problems and cfg.data.eval_every and (step % cfg.data.eval_every == 0 or step == cfg.steps):
+                evaluate(step)
             if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
                 save_checkpoint(step)
         if start >= cfg.steps:

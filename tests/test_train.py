@@ -490,3 +490,26 @@ def test_external_grader_socket(tmp_path):
         after = GraderClient(server.socket_path).health()
     assert json.loads(open(os.path.join(run, "metrics.jsonl")).readline())["step"] == 1
     assert after["graded"] - before["graded"] == cfg.data.prompts_per_step * cfg.rollout.group_size
+
+
+def test_held_out_eval_rows_never_train_on_eval_problems(tmp_path, monkeypatch):
+    import json
+    from pgrpo import train as T
+    from pgrpo.data.problems import builtin_problems
+    graded = []
+    real = T.GraderLink.grade
+
+    def spy(self, items):
+        graded.append([it["problem"]["id"] for it in items])
+        return real(self, items)
+    monkeypatch.setattr(T.GraderLink, "grade", spy)
+    cfg = C.load(FDR, ["steps=2", "data.prompts_per_step=2", "rollout.max_new_tokens=8", "checkpoint_every=0",
+                       "data.eval_problems=3", "data.eval_every=1", "data.eval_samples=2"])
+    run = str(tmp_path / "run")
+    assert T.train(cfg, run) == 0
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [(r.get("kind", "train"), r["step"]) for r in rows] == [("train", 1), ("eval", 1), ("train", 2), ("eval", 2)]
+    held = {p.id for p in builtin_problems()[-3:]}
+    assert [set(ids) for ids in graded[1::2]] == [held, held]                 # eval requests: exactly the held-out set
+    assert all(len(ids) == 3 * 2 for ids in graded[1::2]) and rows[1]["n"] == 6
+    assert not any(held & set(ids) for ids in graded[0::2])                   # training never saw them
