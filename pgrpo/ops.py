@@ -22,6 +22,7 @@ otherwise, warning once per process about the slower path.
 """
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -186,22 +187,29 @@ def _check_project_meta(g, g_offsets, v, v_offsets, ks, overshoot, who="project_
     if not isinstance(g, torch.Tensor) or g.dim() != 1 or g.dtype != torch.float32 or not g.is_contiguous():
         raise ValueError(f"{who}: g must be a contiguous 1-D float32 tensor, got "
                          f"{getattr(g, 'dtype', type(g).__name__)} {list(getattr(g, 'shape', []))}")
+    _check_vhack(g.device, g_offsets, v, v_offsets, ks, overshoot, who)
+
+
+def _check_vhack(device, g_offsets, v, v_offsets, ks, overshoot, who):
+    """v_hack layout checks shared by project_ and svd_grad_project (g_offsets None: built by the op)."""
     if not isinstance(v, torch.Tensor) or v.dim() != 1 or v.dtype != torch.float32:
         raise ValueError(f"{who}: v must be a 1-D float32 tensor, got "
                          f"{getattr(v, 'dtype', type(v).__name__)} {list(getattr(v, 'shape', []))}")
-    for name, t in (("g_offsets", g_offsets), ("v_offsets", v_offsets), ("ks", ks)):
+    index = [("v_offsets", v_offsets), ("ks", ks)] + ([("g_offsets", g_offsets)] if g_offsets is not None else [])
+    for name, t in index:
         if not isinstance(t, torch.Tensor) or t.dim() != 1 or t.dtype != torch.int64:
             raise ValueError(f"{who}: {name} must be a 1-D int64 tensor, got "
                              f"{getattr(t, 'dtype', type(t).__name__)} {list(getattr(t, 'shape', []))}")
     M = ks.numel()
-    if g_offsets.numel() != M + 1 or v_offsets.numel() != M + 1:
+    if v_offsets.numel() != M + 1 or (g_offsets is not None and g_offsets.numel() != M + 1):
+        got = f"{g_offsets.numel()} and {v_offsets.numel()}" if g_offsets is not None else f"{v_offsets.numel()}"
         raise ValueError(f"{who}: with M = ks.numel() = {M} modules, g_offsets and v_offsets need M+1 "
-                         f"entries, got {g_offsets.numel()} and {v_offsets.numel()}")
-    for name, t in (("g_offsets", g_offsets), ("v", v), ("v_offsets", v_offsets), ("ks", ks)):
-        if t.device != g.device:
-            raise ValueError(f"{who}: {name} is on {t.device} but g is on {g.device}; all must share g's device")
-    if not (isinstance(overshoot, (int, float)) and float(overshoot) == float(overshoot)
-            and abs(float(overshoot)) != float("inf")):
+                         f"entries, got {got}")
+    for name, t in [("v", v)] + index:
+        if t.device != device:
+            raise ValueError(f"{who}: {name} is on {t.device} but the gradients are on {device}; "
+                             "all must share one device")
+    if not (isinstance(overshoot, (int, float)) and math.isfinite(float(overshoot))):
         raise ValueError(f"{who}: overshoot must be a finite number, got {overshoot!r}")
 
 
@@ -257,12 +265,10 @@ def svd_grad_project(G, U, Vh, v, v_offsets, ks, overshoot: float = 1.0, one_sid
     if not isinstance(ks, torch.Tensor) or ks.dim() != 1 or ks.numel() != L:
         raise ValueError(f"{who}: ks must be a 1-D tensor with one k per module (L = {L}), got "
                          f"{list(getattr(ks, 'shape', []))}")
-    g_offsets = torch.arange(0, (L + 1) * r, max(r, 1), dtype=torch.int64, device=G.device)[: L + 1]
-    if r == 0:
-        g_offsets = torch.zeros(L + 1, dtype=torch.int64, device=G.device)
-    _check_project_meta(torch.empty(L * r, device=G.device), g_offsets, v, v_offsets, ks, overshoot, who)
+    _check_vhack(G.device, None, v, v_offsets, ks, overshoot, who)
     if _use_extension("svd_grad_project", G.device):
         return torch.ops.pgrpo.svd_grad_project(G, U, Vh, v, v_offsets, ks, float(overshoot), bool(one_sided))
+    g_offsets = torch.arange(L + 1, dtype=torch.int64, device=G.device) * r
     g = basis_change_torch(G, U, Vh)
     flat = g.view(-1)
     _check_project_values(flat, g_offsets, v, v_offsets, ks, who)

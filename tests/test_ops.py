@@ -215,6 +215,21 @@ def test_project_rejects_bad_inputs_without_touching_g():
         ops.project_(g, go, p.v, p.v_offsets, p.ks, float("nan"), True)
 
 
+def test_svd_grad_project_rejects_bad_inputs():
+    G, U, Vh = stack(3, 8, 6, 6)
+    _, _, p, _ = ragged([6, 6, 6], [2, 0, 1])
+    for fn in (ops.svd_grad_project, torch.ops.pgrpo.svd_grad_project):
+        with pytest.raises(ValueError, match="one k per module"):
+            fn(G, U, Vh, p.v, p.v_offsets, p.ks[:2], 1.0, True)
+        with pytest.raises(ValueError, match="shape mismatch"):
+            fn(G, U[:, :, :5], Vh, p.v, p.v_offsets, p.ks, 1.0, True)
+        short = p.v_offsets.clone(); short[-1] -= 1
+        with pytest.raises(ValueError, match="v_offsets"):
+            fn(G, U, Vh, p.v, short, p.ks, 1.0, True)
+    with pytest.raises(ValueError, match="int64"):
+        ops.svd_grad_project(G, U, Vh, p.v, p.v_offsets.int(), p.ks, 1.0, True)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_project_rejects_non_finite_g(device, bad):
