@@ -6,6 +6,7 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <vector>
 
 #include "pgrpo.h"
@@ -57,13 +58,19 @@ at::Tensor basis_change_cpu(const at::Tensor& G, const at::Tensor& U, const at::
   at::Tensor out = at::empty({L, r}, G.options().dtype(at::kFloat));
   if (L == 0 || r == 0) return out;
   if (o == 0 || G.size(2) == 0) return out.zero_();
-  // T = G Vh^T, [L,o,r] fp32; the transposed view goes straight to BLAS, no copy of Vh.
-  at::Tensor T = at::bmm(G.to(at::kFloat), Vh.to(at::kFloat).transpose(1, 2)).contiguous();
+  // T = G Vh^T, [n,o,r] fp32, for n modules at a time (bounded scratch); the transposed view of Vh
+  // goes straight to BLAS, no copy.
+  const int64_t chunk = basis_chunk_modules(o, r, int64_t(256) << 20);
   at::Tensor Uc = U.contiguous();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, Uc.scalar_type(), "basis_change_cpu", [&] {
-    column_dot<scalar_t>(Uc.const_data_ptr<scalar_t>(), T.const_data_ptr<float>(),
-                         out.mutable_data_ptr<float>(), L, o, r);
-  });
+  for (int64_t l0 = 0; l0 < L; l0 += chunk) {
+    const int64_t n = std::min(chunk, L - l0);
+    at::Tensor T = at::bmm(G.narrow(0, l0, n).to(at::kFloat), Vh.narrow(0, l0, n).to(at::kFloat).transpose(1, 2))
+                       .contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, Uc.scalar_type(), "basis_change_cpu", [&] {
+      column_dot<scalar_t>(Uc.const_data_ptr<scalar_t>() + l0 * o * r, T.const_data_ptr<float>(),
+                           out.mutable_data_ptr<float>() + l0 * r, n, o, r);
+    });
+  }
   return out;
 }
 

@@ -4,7 +4,9 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include <algorithm>
 #include <cmath>
+#include <cstdlib>
 
 #include "pgrpo.h"
 
@@ -82,6 +84,16 @@ void check_project_offsets(const int64_t* go, const int64_t* vo, const int64_t* 
                       " and r = ", r, " so v_offsets[", m + 1, "] - v_offsets[", m, "] must be ", ks[m] * r,
                       ", got ", vo[m + 1] - vo[m]);
   }
+}
+
+int64_t basis_chunk_modules(int64_t o, int64_t r, int64_t default_bytes) {
+  static const int64_t env_bytes = [] {
+    const char* s = std::getenv("PGRPO_BASIS_CHUNK_BYTES");
+    return s ? std::atoll(s) : int64_t(0);
+  }();
+  const int64_t budget = env_bytes > 0 ? env_bytes : default_bytes;
+  const int64_t per_module = std::max<int64_t>(1, o * r * static_cast<int64_t>(sizeof(float)));
+  return std::max<int64_t>(1, budget / per_module);
 }
 
 }  // namespace pgrpo

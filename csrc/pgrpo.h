@@ -25,6 +25,10 @@ void check_project_meta(const at::Tensor& g, const at::Tensor& g_offsets, const 
 void check_project_offsets(const int64_t* go, const int64_t* vo, const int64_t* ks, int64_t M,
                            int64_t R, int64_t P);
 
+// How many modules of a [L,o,r] stack basis_change handles per GEMM so that its fp32 T = G Vh^T
+// scratch stays under default_bytes (env PGRPO_BASIS_CHUNK_BYTES overrides; read once).
+int64_t basis_chunk_modules(int64_t o, int64_t r, int64_t default_bytes);
+
 at::Tensor basis_change_cpu(const at::Tensor& G, const at::Tensor& U, const at::Tensor& Vh);
 at::Tensor project_cpu_(at::Tensor& g, const at::Tensor& g_offsets, const at::Tensor& v,
                         const at::Tensor& v_offsets, const at::Tensor& ks, double overshoot,

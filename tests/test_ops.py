@@ -73,6 +73,27 @@ def test_basis_change_is_the_diagonal_of_the_full_product():
     torch.testing.assert_close(out, expect.float(), rtol=1e-4, atol=1e-5)
 
 
+def test_basis_change_in_chunks_of_modules_matches(tmp_path):
+    """A stack larger than the T = G Vh^T scratch budget is done a few modules at a time."""
+    script = textwrap.dedent("""
+        import torch
+        from pgrpo import ops
+        gen = torch.Generator().manual_seed(0)
+        for dtype in (torch.float32, torch.bfloat16):
+            G, U, Vh = (torch.randn(*s, generator=gen).to(dtype) for s in ((7, 50, 30), (7, 50, 20), (7, 20, 30)))
+            torch.testing.assert_close(torch.ops.pgrpo.basis_change(G, U, Vh), ops.basis_change_torch(G, U, Vh),
+                                       rtol=1e-4, atol=1e-4)
+            g, st = torch.ops.pgrpo.svd_grad_project(G, U, Vh, torch.zeros(0), torch.zeros(8, dtype=torch.int64),
+                                                     torch.zeros(7, dtype=torch.int64), 1.0, True)
+            torch.testing.assert_close(g, ops.basis_change_torch(G, U, Vh), rtol=1e-4, atol=1e-4)
+        print("ok")
+    """)
+    env = dict(os.environ, PGRPO_BASIS_CHUNK_BYTES=str(2 * 50 * 20 * 4 + 1))  # 2 modules per GEMM
+    out = subprocess.run([sys.executable, "-c", script], env=env, check=True, timeout=120,
+                         capture_output=True, text=True)
+    assert out.stdout.strip() == "ok"
+
+
 # ----------------------------------------------------------------------------- projection
 
 @pytest.mark.parametrize("device", DEVICES)
