@@ -513,3 +513,30 @@ def test_held_out_eval_rows_never_train_on_eval_problems(tmp_path, monkeypatch):
     assert [set(ids) for ids in graded[1::2]] == [held, held]                 # eval requests: exactly the held-out set
     assert all(len(ids) == 3 * 2 for ids in graded[1::2]) and rows[1]["n"] == 6
     assert not any(held & set(ids) for ids in graded[0::2])                   # training never saw them
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_route_run_on_gpu_bf16(tmp_path):
+    """The whole step on CUDA in bf16 (merged adapter, CUDA ops, KL reference, route arm, checkpoint with cuda RNG)."""
+    import json
+    import math
+    from pgrpo import train as T
+    from pgrpo import vhack
+    from pgrpo.adapter import SVDAdapter
+    from pgrpo.model import load_model
+    model, _ = load_model("tiny", "float32", "cpu", seed=0)
+    ad = SVDAdapter(model, mode="merged")
+    g = torch.Generator().manual_seed(0)
+    V = {n: torch.linalg.qr(torch.randn(r, 2, generator=g))[0].T.contiguous() for n, r in zip(ad.names, ad.ranks)}
+    vpath = str(tmp_path / "v.safetensors")
+    vhack.save_vhack(vpath, V, {n: torch.ones(2) for n in V}, {"k": "2", "cut": "0.0"})
+    cfg = C.load(FDR, ["steps=2", "device=cuda", "dtype=bfloat16", "checkpoint_every=1", "arm.name=route",
+                       f"arm.vhack_path={vpath}", "rollout.max_new_tokens=16"])
+    run = str(tmp_path / "run")
+    assert T.train(cfg, run) == 0
+    rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
+    assert [r["step"] for r in rows] == [1, 2] and all(math.isfinite(r["loss"]) for r in rows)
+    assert rows[-1]["delta_hack_norm"] > 0 and rows[-1]["update_hackward"] < 1e-3
+    _, tensors, _, _ = ckpt.load(os.path.join(run, "ckpt_000002.safetensors"))
+    assert torch.isfinite(tensors["delta"]).all() and any(k.startswith("rng/cuda") for k in tensors)
