@@ -9,7 +9,7 @@ APT_PACKAGES = bubblewrap prometheus docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup apt venv install test test-fast bench bench-kernel bench-grader bench-step \
-        fast-dev-run smoke-vanilla smoke-projected extract download-model queue-full report clean
+        fast-dev-run smoke-vanilla smoke-projected extract download-model queue-full queue-cpu report report-cpu clean
 
 setup: apt venv install
 
@@ -64,6 +64,15 @@ download-model:
 
 queue-full:
 	$(PGRPO) sweep --config jobs/sweep-full.yaml
+
+queue-cpu:
+	$(PGRPO) sweep --config jobs/sweep-cpu.yaml
+
+report:
+	$(PGRPO) report runs/sweep-full --out report/sweep-full
+
+report-cpu:
+	$(PGRPO) report runs/sweep-cpu --out report/sweep-cpu
 
 clean:
 	rm -rf build *.egg-info pgrpo/_C*.so
