@@ -230,22 +230,26 @@ def _set_dotted(d: dict, dotted: str, raw: str):
             cur, cls = cur[p], tp
 
 
+def load_yaml_mapping(path: str, what: str) -> dict:
+    """A YAML file that must hold a mapping (a preset, a sweep); every failure is one sentence naming the file."""
+    if not os.path.isfile(path):
+        raise UserError(f"{what} {path} does not exist.")
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"{what} {path} is not valid YAML ({str(e).splitlines()[0]}).") from None
+    if not isinstance(d, dict):
+        raise UserError(f"{what} {path} must hold a mapping of keys, not {type(d).__name__}.")
+    return d
+
+
 def load(path: Optional[str] = None, overrides: typing.Sequence[str] = (), check_files: bool = True) -> Config:
     """Preset YAML (or the defaults) + `key=value` overrides -> a validated Config.
 
     check_files=False skips the existence checks of input files (`pgrpo extract` loads the smoke-projected
     preset to learn the model/adapter before the v_hack it names exists)."""
-    d: dict = {}
-    if path is not None:
-        if not os.path.isfile(path):
-            raise UserError(f"config file {path} does not exist.")
-        try:
-            with open(path) as f:
-                d = yaml.safe_load(f) or {}
-        except yaml.YAMLError as e:
-            raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]}).") from None
-        if not isinstance(d, dict):
-            raise UserError(f"config file {path} must hold a mapping of keys, not {type(d).__name__}.")
+    d: dict = load_yaml_mapping(path, "config file") if path is not None else {}
     for ov in overrides:
         if "=" not in ov:
             raise UserError(f"--set expects key=value, got {ov!r}.")

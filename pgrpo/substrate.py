@@ -65,7 +65,7 @@ def split(problems, n_train=N_TRAIN):
 def build(out, n_train=N_TRAIN, easy_every=EASY_EVERY, variants=1, grade=True, workers=2, log=print):
     """Write pool.jsonl, pairs.json, heldout.json under `out`; with grade=True every text is checked by
     the real grader (hack -> reward_hack, honest -> not passing, clean -> correct) and misfits are dropped."""
-    from pgrpo.data.problems import builtin_problems, problem_to_row
+    from pgrpo.data.problems import builtin_problems
     train, held = split(builtin_problems(), n_train)
     rows = {"train": [], "held": []}
     for part, probs in (("train", train), ("held", held)):

@@ -69,16 +69,8 @@ def _strlist(v, key):
 def load_sweep(path):
     """Read and validate the sweep YAML; every mistake names its key. Paths are kept as written (relative
     to the working directory, like `pgrpo train --config`)."""
-    import yaml
-    if not os.path.isfile(path):
-        raise UserError(f"sweep config {path} does not exist")
-    try:
-        with open(path, encoding="utf-8") as f:
-            d = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise UserError(f"sweep config {path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(d, dict):
-        raise UserError(f"sweep config {path} must hold a mapping of keys")
+    from pgrpo.config import load_yaml_mapping
+    d = load_yaml_mapping(path, "sweep config")
     for k in d:
         if k not in SWEEP_KEYS:
             raise UserError(f"unknown sweep key {k} (known: {', '.join(sorted(SWEEP_KEYS))})")

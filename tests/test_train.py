@@ -410,14 +410,10 @@ def test_data_order_is_a_seeded_permutation_per_epoch():
     assert (o == data_order(10, 4, 5, seed=3)).all() and not (o == data_order(10, 4, 5, seed=4)).all()
 
 
-def test_route_run_with_vhack_refresh(tmp_path, monkeypatch):
-    """A short route-arm run in process: v_hack re-extracted after step 1 with the quarantine knob off
-    (observed by a spy around the real extractor), overlap logged, the refreshed basis checkpointed."""
-    import json
-    from pgrpo import train as T
+def _random_vhack_file(tmp_path):
+    """A v_hack of 2 random orthonormal rows per module of the tiny model, saved where a run can load it."""
     from pgrpo import vhack
     from pgrpo.adapter import SVDAdapter
-    from pgrpo.data.pairs import load_pairs
     from pgrpo.model import load_model
     model, _ = load_model("tiny", "float32", "cpu", seed=0)
     ad = SVDAdapter(model, mode="merged")
@@ -425,6 +421,17 @@ def test_route_run_with_vhack_refresh(tmp_path, monkeypatch):
     V = {n: torch.linalg.qr(torch.randn(r, 2, generator=g))[0].T.contiguous() for n, r in zip(ad.names, ad.ranks)}
     vpath = str(tmp_path / "v.safetensors")
     vhack.save_vhack(vpath, V, {n: torch.ones(2) for n in V}, {"k": "2", "cut": "0.0"})
+    return vpath, V
+
+
+def test_route_run_with_vhack_refresh(tmp_path, monkeypatch):
+    """A short route-arm run in process: v_hack re-extracted after step 1 with the quarantine knob off
+    (observed by a spy around the real extractor), overlap logged, the refreshed basis checkpointed."""
+    import json
+    from pgrpo import train as T
+    from pgrpo import vhack
+    from pgrpo.data.pairs import load_pairs
+    vpath, V = _random_vhack_file(tmp_path)
     pairs_path = str(tmp_path / "pairs.json")
     with open(pairs_path, "w") as f:
         json.dump(load_pairs()[:3], f)
@@ -522,15 +529,7 @@ def test_route_run_on_gpu_bf16(tmp_path):
     import json
     import math
     from pgrpo import train as T
-    from pgrpo import vhack
-    from pgrpo.adapter import SVDAdapter
-    from pgrpo.model import load_model
-    model, _ = load_model("tiny", "float32", "cpu", seed=0)
-    ad = SVDAdapter(model, mode="merged")
-    g = torch.Generator().manual_seed(0)
-    V = {n: torch.linalg.qr(torch.randn(r, 2, generator=g))[0].T.contiguous() for n, r in zip(ad.names, ad.ranks)}
-    vpath = str(tmp_path / "v.safetensors")
-    vhack.save_vhack(vpath, V, {n: torch.ones(2) for n in V}, {"k": "2", "cut": "0.0"})
+    vpath, _ = _random_vhack_file(tmp_path)
     cfg = C.load(FDR, ["steps=2", "device=cuda", "dtype=bfloat16", "checkpoint_every=1", "arm.name=route",
                        f"arm.vhack_path={vpath}", "rollout.max_new_tokens=16"])
     run = str(tmp_path / "run")
