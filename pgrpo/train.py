@@ -351,9 +351,12 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
                 from pgrpo.data.pairs import load_pairs
                 from pgrpo.vhack import extract_vhack, vhack_overlap
                 with grpo.quarantine_zeroed(adapter):
+                    # same extraction settings as the file the run started from
+                    mt = vhack_meta.get("max_tokens", "None")
                     V_new = extract_vhack(model, adapter, tok, load_pairs(cfg.arm.refresh_pairs),
                                           k=int(vhack_meta.get("k", 4)), cut=float(vhack_meta.get("cut", 0.25)),
-                                          seed=cfg.seed)
+                                          contrast=float(vhack_meta.get("contrast", 0.0)),
+                                          max_tokens=None if mt in ("None", "") else int(mt), seed=cfg.seed)
                 refresh = {"vhack_overlap": vhack_overlap(V, V_new), "refresh_s": time.perf_counter() - t0}
                 V, packed = V_new, pack_vhack(adapter.names, adapter.ranks, V_new, device)
 
