@@ -123,6 +123,8 @@ class GraderLink:
                     print(f"grader: restarted local grader (pid {self.pid})", flush=True)
                 else:
                     time.sleep(min(2 ** attempt, 10))
+                    if self.local is None:   # a sidecar that went down comes back through its restart policy
+                        self._wait_healthy()
 
     def close(self):
         if self.local is not None:
