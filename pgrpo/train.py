@@ -146,7 +146,6 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
     from pgrpo.ops import pack_vhack
 
     # ---- run dir, problems and the checkpoint to resume from: everything that can fail before the model loads
-    os.makedirs(run_dir, exist_ok=True)
     problems = builtin_problems() if cfg.data.problems == "builtin" else load_problems(cfg.data.problems)
     n_eval = cfg.data.eval_problems
     if n_eval and n_eval >= len(problems):
@@ -156,6 +155,7 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
     problems = problems[:len(problems) - n_eval]
     if cfg.data.max_problems:
         problems = problems[:cfg.data.max_problems]
+    os.makedirs(run_dir, exist_ok=True)   # only now: a run that fails validation leaves no empty directory
     resume_from = None
     if resume:
         path = ckpt.latest(run_dir)
@@ -429,6 +429,23 @@ def parse_args(argv):
     return ap.parse_args(argv)
 
 
+# Keys a resumed run may change: where it runs and how it reports, plus how long it goes on. Everything else
+# is the experiment itself and must stay what the run started with (bitwise resume depends on it).
+RESUME_MUTABLE = frozenset({"steps", "checkpoint_every", "metrics_port", "metrics_linger_s", "grader_socket",
+                            "grader_workers", "device", "cpu_threads", "run_name", "adapter.svd_cache_dir",
+                            "arm.vhack_path", "data.eval_every"})
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
 def resolve(argv) -> tuple[C.Config, str, bool, bool]:
     """argv -> (validated config, run dir, resume?, overwrite?) without touching torch or the model."""
     a = parse_args(argv)
@@ -447,7 +464,14 @@ def resolve(argv) -> tuple[C.Config, str, bool, bool]:
         path = os.path.join(a.resume, "config.yaml")
         if not os.path.isfile(path):
             raise UserError(f"--resume {a.resume}: no config.yaml there; is it a run directory?")
-        return C.load(path, overrides), a.resume, True, False
+        saved, cfg = C.load(path), C.load(path, overrides)
+        new, old = _flat(C.to_dict(cfg)), _flat(C.to_dict(saved))
+        changed = [k for k in new if new[k] != old[k]]
+        frozen = [k for k in changed if k not in RESUME_MUTABLE]
+        if frozen:
+            raise UserError(f"config key {frozen[0]} cannot change when resuming (it would make the resumed run a "
+                            f"different experiment); only {', '.join(sorted(RESUME_MUTABLE))} may.")
+        return cfg, a.resume, True, False
     if not a.config:
         raise UserError("say which job to run: pgrpo train --config jobs/fast-dev-run.yaml (or --resume RUN_DIR).")
     cfg = C.load(a.config, overrides)

@@ -200,6 +200,28 @@ def test_resume_refuses_to_overwrite_and_needs_a_checkpoint(tmp_path):
     assert p.returncode == 2 and "no checkpoint" in p.stderr
 
 
+def test_resume_only_changes_runtime_keys(tmp_path):
+    """A resumed run is the same experiment: lr/seed/arm... cannot change, ports/steps/socket may."""
+    from pgrpo.errors import UserError
+    from pgrpo.train import resolve
+    run = tmp_path / "run"
+    run.mkdir()
+    C.save(C.load(FDR), str(run / "config.yaml"))
+    for bad in ("grpo.lr=0.5", "seed=7", "arm.overshoot=2.0"):
+        with pytest.raises(UserError, match=f"config key {bad.split('=')[0]} cannot change when resuming"):
+            resolve(["--resume", str(run), "--set", bad])
+    cfg, run_dir, resume, _ = resolve(["--resume", str(run), "--set", "steps=9", "--metrics-port", "9400",
+                                       "--set", f"seed={C.load(FDR).seed}"])   # an unchanged value is fine
+    assert resume and cfg.steps == 9 and cfg.metrics_port == 9400 and run_dir == str(run)
+
+
+def test_a_run_that_fails_validation_leaves_no_directory(tmp_path):
+    out = tmp_path / "never"
+    p = subprocess.run([sys.executable, "-m", "pgrpo", "train", "--config", FDR, "--out", str(out),
+                        "--set", "data.eval_problems=1000"], capture_output=True, text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 2 and "data.eval_problems" in p.stderr and not out.exists()
+
+
 # ----------------------------------------------------------------------------- arms, in process
 
 @pytest.fixture(scope="module")
