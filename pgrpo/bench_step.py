@@ -73,6 +73,9 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     if min(a.batch, a.prompt_len, a.new_tokens, a.repeats) < 1 or a.steps < 0:
         raise UserError("--batch, --prompt-len, --new-tokens and --repeats must be >= 1 and --steps >= 0.")
+    if a.steps and not os.path.isfile(a.config):   # checked before minutes of timing, not after
+        raise UserError(f"--config {a.config} does not exist (the step breakdown runs a preset; "
+                        f"run from the repository root or pass --config PATH, or --steps 0 to skip it).")
     if a.threads:
         torch.set_num_threads(a.threads)
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
