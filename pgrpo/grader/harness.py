@@ -8,6 +8,8 @@ forks the child that runs model code (own session/process group, rlimits, privat
 the wall limit, collects capped outputs and writes the reply. When the runner is done the zygote kills
 everything else left in the sandbox, reaps it and wipes the writable dirs. No interpreter start is paid
 per response, and nothing a response does (processes, files, heap remnants) reaches a later job.
+The child installs a seccomp filter as its last step before model code (see `seccomp_program`): model code
+and its descendants cannot send signals to, ptrace or read/write the memory of any process.
 
 Trust: everything here is UNTRUSTED once model code runs. Model code shares the child process with the
 job logic and can rewrite anything in it, including what it reports. That is fine by construction: the
@@ -18,6 +20,8 @@ Frames on the zygote's pipes: 4-byte big-endian length + UTF-8 JSON.
 Job:   {"kind": "gt"|"check", "code", "setup_code", "tests": [{"fn", "args": [src], "kwargs": {k: src}}],
         "variant": "own"|"arb"|"canon", "mode", "method", "canonical", "time_limit", "mem_mb", "fsize_mb",
         "nproc", "result_file", "out_cap", "sentinel_class", "sentinel_attr", "run_tests_func"}
+Config (first frame): {"workdir", "sweep", "private_dev", "seccomp": bool (False only in tests)};
+ready frame: {"ready", "pid", "uid", "python", "seccomp": "on" | "off: <why>"}.
 Reply: {"status": "ok"|"timeout", "exit": returncode (negative = signal), "results": child JSON lines
         (text, capped), "stdout": head, "stderr": head, "stdout_truncated", "file": result file head or
         None, "wall_s"}
@@ -37,6 +41,7 @@ PREIMPORT = ("typing", "functools", "collections", "itertools", "heapq", "bisect
              "math", "random", "datetime", "re", "copy", "ast", "array", "fractions", "decimal",
              "statistics", "sortedcontainers")
 RESULT_CAP = 32 << 20     # bytes of child result lines kept
+SECCOMP_INSTALL = None    # set by the zygote when the startup probe saw the filter work
 ERR_CAP = 4096
 MAX_FRAME = 256 << 20
 
@@ -293,6 +298,106 @@ def setup_child(job, res_w, out_w, err_w, jobdir):
     return res_fd
 
 
+# ----------------------------------------------------------------------------- seccomp (job child only)
+
+# Why: without bwrap and without a uid drop (the docker-compose grader: one unprivileged uid, no user
+# namespaces), the server, the zygotes and every job share one uid, so a response could `kill(-1)`,
+# `kill(os.getppid())` or SIGKILL the server pid it finds in /proc and take the grading service down, or
+# ptrace / process_vm_writev its way into another process. The per-job child therefore installs a
+# seccomp-BPF filter right before model code runs: these syscalls fail with EPERM for the child and all
+# its descendants (filters are inherited and cannot be removed). Everything else is allowed. The wall-time
+# kill and the sweep come from the runner / zygote, which never run under the filter.
+# Numbers: x86_64 from asm/unistd_64.h, aarch64 from asm-generic/unistd.h (checked against the headers).
+SECCOMP_DENY = {
+    "x86_64": {"kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
+               "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "pidfd_send_signal": 424,
+               "pidfd_open": 434},
+    "aarch64": {"kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
+                "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "pidfd_send_signal": 424,
+                "pidfd_open": 434},
+}
+AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}   # EM_* | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE
+X32_SYSCALL_BIT = 0x40000000
+
+
+def seccomp_program(machine):
+    """The BPF program as bytes (struct sock_filter[]). A syscall of a foreign arch (i386 `int 0x80` on
+    x86_64, aarch32 on aarch64) or of the x32 ABI gets EPERM wholesale: those tables number kill & co
+    differently, and legitimate Python code never uses them."""
+    LD_ABS, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06   # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
+    ALLOW, DENY = 0x7FFF0000, 0x00050000 | 1          # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
+    nrs = sorted(SECCOMP_DENY[machine].values())
+    checks = [(JGE, X32_SYSCALL_BIT)] if machine == "x86_64" else []
+    checks += [(JEQ, nr) for nr in nrs]
+    prog = [(LD_ABS, 0, 0, 4)]                     # A = seccomp_data.arch
+    deny_at = 3 + len(checks) + 1                  # index of the final DENY
+    prog.append((JEQ, 0, deny_at - 1 - 1, AUDIT_ARCH[machine]))
+    prog.append((LD_ABS, 0, 0, 0))                 # A = seccomp_data.nr
+    for op, k in checks:
+        i = len(prog)
+        prog.append((op, deny_at - i - 1, 0, k))
+    prog.append((RET, 0, 0, ALLOW))
+    prog.append((RET, 0, 0, DENY))
+    assert len(prog) == deny_at + 1
+    return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
+
+
+def seccomp_prepare():
+    """-> (install, status). Built once in the zygote, so a job pays two prctl calls; `install()` raises
+    OSError if the kernel refuses. status is "on" or "off: <why>"."""
+    machine = os.uname().machine
+    if machine not in SECCOMP_DENY or struct.calcsize("P") != 8:
+        return None, "off: no filter for this architecture (%s)" % machine
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        prctl = libc.prctl
+        code = seccomp_program(machine)
+        buf = ctypes.create_string_buffer(code, len(code))
+
+        class SockFprog(ctypes.Structure):
+            _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+        fprog = SockFprog(len(code) // 8, ctypes.addressof(buf))
+        ul = ctypes.c_ulong
+        args_nnp = (ul(38), ul(1), ul(0), ul(0), ul(0))                            # PR_SET_NO_NEW_PRIVS
+        args_filter = (ul(22), ul(2), ul(ctypes.addressof(fprog)), ul(0), ul(0))   # PR_SET_SECCOMP, FILTER
+    except Exception as e:
+        return None, "off: cannot build the filter (%s)" % type(e).__name__
+
+    def install(_keep=(buf, fprog)):
+        for args in (args_nnp, args_filter):
+            if prctl(*args) != 0:
+                err = ctypes.get_errno()
+                raise OSError(err, os.strerror(err))
+    return install, "on"
+
+
+def seccomp_probe(install):
+    """Install the filter in a throwaway child and check that kill() really fails: -> status string."""
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            try:
+                install()
+            except OSError as e:
+                code = 100 + min(e.errno or 0, 99)
+            else:
+                try:
+                    os.kill(os.getpid(), 0)
+                except PermissionError:
+                    code = 0
+        finally:
+            os._exit(code)
+    _, st = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(st)
+    if code == 0:
+        return "on"
+    if code >= 100:
+        return "off: the kernel refused the filter (%s)" % os.strerror(code - 100)
+    return "off: the filter did not block kill() (exit %d)" % code
+
+
 # ----------------------------------------------------------------------------- zygote side
 
 def read_result_file(jobdir, name):
@@ -327,6 +432,11 @@ def run_job(job, base, seq):
             for r, _ in pipes:
                 os.close(r)
             res_fd = setup_child(job, pipes[0][1], pipes[1][1], pipes[2][1], jobdir)
+            if SECCOMP_INSTALL is not None:   # last step before model code: nothing below signals anyone
+                try:
+                    SECCOMP_INSTALL()
+                except OSError:
+                    pass   # the startup probe saw it work; a refusal now still grades (health says how)
             child_main(job, res_fd)
         except BaseException:
             pass
@@ -421,11 +531,27 @@ def main():
         libc.prctl(36, 1, 0, 0, 0)   # PR_SET_CHILD_SUBREAPER = 36: orphans of a job come back to us
     except Exception:
         pass
+    global SECCOMP_INSTALL
+    if cfg.get("seccomp", True):
+        install, seccomp = seccomp_prepare()
+        if install is not None:
+            try:
+                seccomp = seccomp_probe(install)
+            except OSError as e:   # fork refused: grade unfiltered rather than not at all
+                seccomp = "off: probe failed (%s)" % type(e).__name__
+            SECCOMP_INSTALL = install if seccomp == "on" else None
+    else:
+        seccomp = "off: disabled by the host"
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
+    # Everything the zygote allocated so far is shared copy-on-write with each runner/child; a garbage
+    # collection there would touch (and so copy) all of it, ~1.3 ms per job. Frozen objects are never scanned.
+    import gc
+    gc.collect()
+    gc.freeze()
     base = cfg["workdir"]
     os.chdir(base)
     write_frame(out_fd, {"ready": True, "pid": os.getpid(), "uid": os.getuid(),
-                         "python": sys.version.split()[0]})
+                         "python": sys.version.split()[0], "seccomp": seccomp})
     sweep = bool(cfg.get("sweep", False))
     seq = 0
     while True:

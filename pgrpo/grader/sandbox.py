@@ -14,8 +14,12 @@ Layers (outermost first):
 - when the grader runs as root: the sandbox drops to its own uid per worker (so RLIMIT_NPROC is enforced,
   it cannot touch root-owned files, and a sweep `kill(-1)` only reaches the sandbox's own processes).
 - the zygote and everything in it form one process group; killing the worker kills the group.
+- in each job child, a seccomp filter (harness.py) refuses kill/tkill/tgkill/rt_(tg)sigqueueinfo/pidfd_*/
+  ptrace/process_vm_* with EPERM, so even a job sharing our uid cannot signal or tamper with this process.
 Without bwrap (e.g. a container that already forbids user namespaces) the remaining layers are rlimits,
-process groups, a private dir and the uid drop; the container must supply no-network and a read-only root.
+process groups, a private dir, the seccomp filter and the uid drop; the container must supply no-network and
+a read-only root. Without bwrap and without a uid drop this process makes itself non-dumpable (its /proc
+mem/fd/environ are then closed to the jobs, which share its uid).
 """
 import json
 import os
@@ -140,14 +144,30 @@ def _read_exact(fd, n, deadline):
     return bytes(buf)
 
 
+_WARNED = set()
+
+
+def _make_host_undumpable():
+    """Without bwrap and without a uid drop the jobs share our uid: then /proc/<our pid>/mem, /fd and
+    /environ would be open to them (ptrace access rules), seccomp cannot filter file opens, and no Yama
+    may be there to help. A non-dumpable process denies all that to same-uid processes without
+    CAP_SYS_PTRACE. Cost: no core dumps of the grader, and a debugger needs CAP_SYS_PTRACE."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)   # PR_SET_DUMPABLE = 4
+    except Exception:   # noqa: BLE001 - best effort; seccomp still blocks ptrace/process_vm_*
+        pass
+
+
 class Sandbox:
     """One zygote. `run(job)` sends a job and returns the zygote's reply dict; raises SandboxError if the
     zygote crashed/hung (the zygote is then dead; call `start()` again or let the worker restart it).
     Start it from a thread that outlives it: bwrap's --die-with-parent follows the starting thread."""
 
-    def __init__(self, slot=0, use_bwrap="auto", tmp_mb=64):
+    def __init__(self, slot=0, use_bwrap="auto", tmp_mb=64, seccomp=True):
         self.slot = slot
         self.use_bwrap = use_bwrap
+        self.seccomp = seccomp   # False only in tests that show what the filter stops
         self.tmp_mb = tmp_mb
         self.proc = None
         self.info = {}
@@ -174,6 +194,8 @@ class Sandbox:
             if uid is not None:
                 os.chown(self._hostdir, uid, uid)
             workdir = self._hostdir
+        if not bw and uid is None:
+            _make_host_undumpable()
         with open(HARNESS_PATH, encoding="utf-8") as f:
             src = f.read()
         argv += [python, "-I", "-S", "-c", src]
@@ -183,12 +205,19 @@ class Sandbox:
                                      cwd="/" if bw else workdir,
                                      preexec_fn=_dropper(uid) if uid is not None else None)
         # sweep = kill(-1) after each job: safe only inside our own pid namespace or our own uid
-        self._send({"workdir": workdir, "sweep": bool(bw or uid is not None), "private_dev": bool(bw)})
+        self._send({"workdir": workdir, "sweep": bool(bw or uid is not None), "private_dev": bool(bw),
+                    "seccomp": bool(self.seccomp)})
         ready = self._recv(time.monotonic() + timeout)
         if not ready.get("ready"):
             raise SandboxError("sandbox failed to start")
+        seccomp = str(ready.get("seccomp", "off: unknown"))
+        if seccomp != "on" and self.seccomp and seccomp not in _WARNED:
+            _WARNED.add(seccomp)
+            print(f"pgrpo grader: WARNING: seccomp filter for jobs is {seccomp}; a response could signal "
+                  f"other processes of uid {uid if uid is not None else os.geteuid()}", file=sys.stderr, flush=True)
         self.info = {"bwrap": bool(bw), "uid": uid if uid is not None else os.geteuid(),
-                     "python": python, "python_version": ready.get("python"), "pid": self.proc.pid}
+                     "python": python, "python_version": ready.get("python"), "pid": self.proc.pid,
+                     "seccomp": seccomp}
         return self
 
     def alive(self):

@@ -1,0 +1,358 @@
+"""The per-job seccomp filter: responses cannot signal, ptrace or peek into other processes.
+
+Why it matters: in the docker-compose grader (no bwrap, one unprivileged uid for server, zygotes and jobs)
+a response that does `os.kill(-1, 9)` or kills its parent chain would take the grading service down.
+Here the server runs exactly like that (--no-bwrap, server and sandbox under one uid; as root the test
+runs it under a dedicated throwaway uid so a failure cannot hurt anything else), and also in default mode.
+A control without the filter shows the same attacks really kill a same-uid victim.
+
+Safety: every batch that sends real SIGKILLs is preceded by a probe that only uses signal 0 (harmless)
+and must come back `correct` (= every probe was refused) before anything dangerous is sent.
+"""
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+from pgrpo.data.problems import builtin_problems
+from pgrpo.grader.client import GraderClient, GraderError, LocalGrader
+from pgrpo.grader.grade import GradeConfig, grade_response
+from pgrpo.grader.sandbox import Sandbox, sandbox_python
+
+REPO = Path(__file__).resolve().parents[1]
+SUM = next(p for p in builtin_problems() if p.id == "b001")   # sumOfEvens(nums) -> int
+HONEST = "        return sum(x for x in nums if x % 2 == 0)\n"
+FAST = {"time_limit": 2.0}
+X86_64 = platform.machine() == "x86_64"
+NR = {"x86_64": {"kill": 62, "tgkill": 234}, "aarch64": {"kill": 129, "tgkill": 131}}.get(platform.machine())
+pytestmark = pytest.mark.skipif(NR is None, reason="the seccomp filter exists for x86_64 and aarch64 only")
+
+
+def block(code):
+    return f"```python\n{code}\n```\n"
+
+
+def solution(body=HONEST, pre=""):
+    return block(f"{pre}\nclass Solution:\n    def sumOfEvens(self, nums):\n{body}")
+
+
+# i386 `kill` through `int 0x80` on x86_64: a different syscall table the filter must not let through
+INT80 = '''
+import ctypes, mmap
+def int80_kill(pid, sig):
+    code = (b"\\x53\\xb8" + (37).to_bytes(4, "little") + b"\\xbb" + pid.to_bytes(4, "little") + b"\\xb9" +
+            sig.to_bytes(4, "little") + b"\\xcd\\x80\\x5b\\xc3")   # push rbx; eax=37 ebx ecx; int 0x80; pop; ret
+    m = mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    m.write(code)
+    return ctypes.CFUNCTYPE(ctypes.c_int)(ctypes.addressof(ctypes.c_char.from_buffer(m)))()
+'''
+# Whether this kernel runs i386 syscalls at all (ia32 emulation can be compiled out or booted off; then
+# `int 0x80` faults). Probed in a throwaway interpreter with the harmless signal 0.
+IA32 = X86_64 and subprocess.run([sys.executable, "-c", INT80 + "import os\nprint(int80_kill(os.getpid(), 0))"],
+                                 capture_output=True, timeout=60).stdout.strip() == b"0"
+
+# The server's pid from inside a --no-bwrap job: child -> runner -> zygote -> server (with bwrap the chain
+# ends at the namespace's pid 1 and SERVER is 0: kill(0) then targets the job's own group).
+FIND_SERVER = '''
+import os
+def parent_of(pid):
+    with open("/proc/%d/stat" % pid) as f:
+        return int(f.read().rsplit(")", 1)[1].split()[1])
+SERVER = parent_of(parent_of(os.getppid()))
+'''
+
+# Harmless probe (signal 0 checks permission only, opens are read-only): the honest answer comes back only
+# if EVERY attempt was refused, so `correct` means the filter (and the undumpable server) held. The memory of
+# the server is only reachable without bwrap (with it, SERVER is the namespace's pid 1, part of the sandbox).
+def probe(server_mem):
+    return solution(HONEST, pre=FIND_SERVER + f"""
+import signal
+BLOCKED = []
+for attempt in (lambda: os.kill(os.getppid(), 0), lambda: os.kill(-1, 0), lambda: os.kill(SERVER, 0),
+                lambda: os.killpg(0, 0), lambda: os.pidfd_open(os.getppid()),
+                lambda: open("/proc/%d/mem" % SERVER, "rb") if {server_mem} else os.kill(1, 0)):
+    try:
+        attempt()
+        BLOCKED.append(False)
+    except PermissionError:
+        BLOCKED.append(True)
+if not all(BLOCKED):
+    raise SystemExit(repr(BLOCKED))
+""")
+
+
+# The real thing. Each must be answered `incorrect`, and none may cost a sandbox restart or the server.
+ATTACKS = [
+    ("kill_parent_in_method", solution("        import os\n        os.kill(os.getppid(), 9)\n" + HONEST)),
+    ("kill_parent_at_import", solution(pre="import os\nos.kill(os.getppid(), 9)\n")),
+    ("kill_everyone_in_method", solution("        import os\n        os.kill(-1, 9)\n" + HONEST)),
+    ("kill_everyone_at_import", solution(pre="import os\nos.kill(-1, 9)\n")),
+    ("kill_server_at_import", solution(pre=FIND_SERVER + "os.kill(SERVER, 9)\n")),
+    ("proc_scan_at_import", solution(pre=(
+        "import os, signal\nfor name in os.listdir('/proc'):\n"
+        "    if name.isdigit() and int(name) != os.getpid():\n"
+        "        try:\n            os.kill(int(name), signal.SIGKILL)\n        except ProcessLookupError:\n"
+        "            pass\n"))),
+    ("pidfd_kill_parent", solution(pre="import os, signal\n"
+                                        "signal.pidfd_send_signal(os.pidfd_open(os.getppid()), 9)\n")),
+    ("raw_syscall_kill_everyone", solution(pre="import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+                                               f"if libc.syscall({NR and NR['kill']}, -1, 9) != 0:\n"
+                                               "    raise OSError(ctypes.get_errno(), 'kill')\n")),
+]
+if IA32:   # i386 table via int 0x80: kill(-1, 9); returns -errno
+    ATTACKS.append(("int80_kill_everyone", solution(pre=INT80 + "if int80_kill(-1, 9) != 0:\n    raise OSError\n")))
+
+
+def check_service(client, workers, server_mem):
+    """The full sequence against one running server: probe, attacks, then the service must be intact."""
+    h0 = client.health()
+    assert h0["sandbox"]["seccomp"] == "on", h0["sandbox"]
+    pr = client.grade([{"problem": SUM, "response": probe(server_mem), "mode": "none", "id": "probe"}], config=FAST)[0]
+    assert pr["label"] == "correct", pr   # never send real kills if the harmless probe got through
+    for mode in ("none", "run_tests"):
+        results = client.grade([{"problem": SUM, "response": r, "mode": mode, "id": n} for n, r in ATTACKS],
+                               config=FAST)
+        bad = [(r["id"], r["label"], r["error"]) for r in results if r["label"] != "incorrect"]
+        assert not bad, bad
+        assert all(r["gt_pass_rate"] == 0.0 for r in results)
+    h = client.health()
+    assert h["ok"] and h["alive"] == h["workers"] == workers
+    assert h["pid"] == h0["pid"] and h["sandbox_pids"] == h0["sandbox_pids"] and h["restarts"] == 0, h
+    after = client.grade([{"problem": SUM, "response": solution(), "mode": "none"}], config=FAST)[0]
+    assert after["label"] == "correct"
+
+
+def _free_uid():
+    used = set()
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                used.add(os.stat(f"/proc/{name}").st_uid)
+            except OSError:
+                pass
+    uid = 61000 + os.getpid() % 3000
+    while uid in used:
+        uid += 1
+    return uid
+
+
+def test_no_bwrap_same_uid_service_survives_kill_attacks(tmp_path):
+    """The docker-compose deployment: --no-bwrap, the server and its sandboxes share one uid."""
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO)}
+    kw = {}
+    python = sys.executable
+    sockdir = tempfile.mkdtemp(prefix="pgrpo-seccomp-")
+    if os.geteuid() == 0:   # like `user: 10001`: a throwaway uid, so nothing here can reach our processes
+        python = sandbox_python(True)
+        if python is None:
+            pytest.skip("no python interpreter an unprivileged uid can run")
+        uid = _free_uid()
+        os.chown(sockdir, uid, uid)
+        kw = {"user": uid, "group": uid, "extra_groups": []}
+    env["HOME"] = sockdir
+    sock = os.path.join(sockdir, "grader.sock")
+    log = open(tmp_path / "server.log", "w+b")
+    proc = subprocess.Popen([python, "-m", "pgrpo", "grader", "serve", "--socket", sock, "--workers", "2",
+                             "--no-bwrap", "--exit-with-parent"], cwd=sockdir, env=env, stdin=subprocess.DEVNULL,
+                            stdout=log, stderr=log, start_new_session=True, **kw)
+    try:
+        client = GraderClient(sock, timeout=120, retries=0)
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()
+            try:
+                h = client.health()
+                break
+            except GraderError:
+                assert time.monotonic() < deadline, "server did not start"
+                time.sleep(0.1)
+        assert h["sandbox"]["bwrap"] is False and h["sandbox"]["uid"] == (kw.get("user") or os.geteuid())
+        check_service(client, workers=2, server_mem=True)
+        assert proc.poll() is None
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+        shutil.rmtree(sockdir, ignore_errors=True)
+
+
+def test_default_mode_service_survives_kill_attacks():
+    """With bwrap (and, as root, a uid per worker) the kills could only hit the sandbox itself; with the
+    filter they do not even cost a sandbox restart."""
+    with LocalGrader(workers=1) as g:
+        check_service(g.client(timeout=120), workers=1, server_mem=False)
+        assert g.alive()
+
+
+def test_control_without_the_filter_the_same_kills_land(monkeypatch):
+    """Same-uid victims, the real sandbox without bwrap and without a uid drop: without the filter each
+    technique kills its victim; with it every victim survives and the response is graded incorrect."""
+    monkeypatch.setenv("PGRPO_SANDBOX_KEEP_ROOT", "1")   # as root: stay root, i.e. the victims' uid
+
+    def attack(v):
+        pre = (INT80 if IA32 else "") + "import ctypes, os, signal\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        steps = [f"os.killpg({v[1]}, 9)",                                   # victims lead their own group
+                 f"signal.pidfd_send_signal(os.pidfd_open({v[2]}), 9)",
+                 f"libc.syscall({NR['kill']}, {v[3]}, 9)",
+                 f"libc.syscall({NR['tgkill']}, {v[4]}, {v[4]}, 9)"]
+        if IA32:
+            steps.append(f"int80_kill({v[5]}, 9)")
+        for s in steps:
+            pre += f"try:\n    {s}\nexcept OSError:\n    pass\n"
+        return solution(f"        os.kill({v[0]}, 9)\n" + HONEST, pre=pre)
+
+    outcome = {}
+    for seccomp in (False, True):
+        victims = [subprocess.Popen(["sleep", "60"], start_new_session=True) for _ in range(6)]
+        sb = Sandbox(use_bwrap=False, seccomp=seccomp).start()
+        try:
+            assert sb.info["uid"] == os.geteuid()
+            assert sb.info["seccomp"] == ("on" if seccomp else "off: disabled by the host")
+            r = grade_response(SUM, attack([v.pid for v in victims]), "none", GradeConfig(time_limit=5), sb)
+            time.sleep(0.1)
+            outcome[seccomp] = (r, [v.poll() for v in victims])
+        finally:
+            sb.close()
+            for v in victims:
+                v.kill()
+                v.wait()
+    n = 6 if IA32 else 5
+    r, dead = outcome[False]
+    assert r["label"] == "correct"
+    assert dead[:n] == [-9] * n, dead
+    r, dead = outcome[True]
+    assert r["label"] == "incorrect" and r["gt_pass_rate"] == 0.0, r
+    assert dead == [None] * 6, dead
+
+
+def test_legit_code_still_works_under_the_filter():
+    """Threads, deep recursion, alarms and timers, subprocess-free stdlib use: unaffected by the filter."""
+    body = ("        import threading, signal, sys, concurrent.futures as cf\n"
+            "        sys.setrecursionlimit(20000)\n"
+            "        def depth(n): return 0 if n == 0 else 1 + depth(n - 1)\n"
+            "        assert depth(5000) == 5000\n"
+            "        signal.setitimer(signal.ITIMER_REAL, 30.0)\n        signal.alarm(0)\n"
+            "        out = []\n"
+            "        t = threading.Thread(target=lambda: out.append(sum(x for x in nums if x % 2 == 0)))\n"
+            "        t.start()\n        t.join()\n"
+            "        with cf.ThreadPoolExecutor(4) as ex:\n"
+            "            assert sum(ex.map(lambda x: x * (x % 2 == 0), nums)) == out[0]\n"
+            "        return out[0]\n")
+    sb = Sandbox().start()
+    try:
+        assert sb.info["seccomp"] == "on"
+        r = grade_response(SUM, solution(body), "none", GradeConfig(time_limit=5), sb)
+        own = grade_response(SUM, solution(pre="import os\nos.kill(os.getpid(), 0)\n"), "none",
+                             GradeConfig(time_limit=5), sb)
+    finally:
+        sb.close()
+    assert r["label"] == "correct", r
+    # documented cost: signalling even itself is refused
+    assert own["label"] == "incorrect" and "PermissionError" in own["error"]
+
+
+def _harness():
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("pgrpo_harness", REPO / "pgrpo" / "grader" / "harness.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def run_bpf(prog, arch, nr):
+    """A tiny interpreter for the three instruction kinds the filter uses, over one seccomp_data."""
+    data = {0: nr, 4: arch}
+    pc = 0
+    while True:
+        code, jt, jf, k = prog[pc]
+        if code == 0x20:
+            acc = data[k]
+        elif code in (0x15, 0x35):
+            pc += jt if (acc == k if code == 0x15 else acc >= k) else jf
+        elif code == 0x06:
+            return k
+        pc += 1
+
+
+def test_filter_program_for_both_architectures():
+    """Both arch variants decide right (aarch64 cannot run here, so it is simulated), and the numbers match
+    the kernel headers where they are installed."""
+    import re
+    import struct
+    h = _harness()
+    allow, deny = 0x7FFF0000, 0x00050001
+    for machine, other in (("x86_64", 0xC00000B7), ("aarch64", 0xC000003E)):
+        raw = h.seccomp_program(machine)
+        prog = [struct.unpack("=HBBI", raw[i:i + 8]) for i in range(0, len(raw), 8)]
+        arch = h.AUDIT_ARCH[machine]
+        denied = set(h.SECCOMP_DENY[machine].values())
+        assert len(denied) == 10
+        for nr in range(0, 600):
+            assert run_bpf(prog, arch, nr) == (deny if nr in denied else allow), (machine, nr)
+        for foreign in (other, 0x40000003, 0x40000028):   # the other 64-bit arch, i386, arm
+            assert run_bpf(prog, foreign, 1) == deny
+        assert run_bpf(prog, arch, 0x40000000 + 62) == (deny if machine == "x86_64" else allow)
+    headers = {"x86_64": "/usr/include/x86_64-linux-gnu/asm/unistd_64.h",
+               "aarch64": "/usr/include/asm-generic/unistd.h"}
+    checked = 0
+    for machine, path in headers.items():
+        if not os.path.isfile(path):
+            continue
+        text = Path(path).read_text()
+        for name, nr in h.SECCOMP_DENY[machine].items():
+            m = re.search(rf"#define __NR(?:3264)?_{name}\s+(\d+)", text)
+            assert m and int(m.group(1)) == nr, (machine, name)
+            checked += 1
+    if not checked:
+        pytest.skip("no kernel syscall headers installed to compare with")
+
+
+OUTER_FILTER = r'''#!{python}
+# Stands in for a kernel without seccomp: prctl(PR_SET_SECCOMP) gets EINVAL, seccomp(2) ENOSYS; then the
+# real interpreter runs the harness.
+import ctypes, os, struct, sys
+NR = {{"x86_64": (157, 317, 0xC000003E), "aarch64": (167, 277, 0xC00000B7)}}[os.uname().machine]
+ins = [(0x20, 0, 0, 4), (0x15, 0, 7, NR[2]), (0x20, 0, 0, 0), (0x15, 2, 0, NR[0]), (0x15, 0, 4, NR[1]),
+       (0x06, 0, 0, 0x50000 | 38), (0x20, 0, 0, 16), (0x15, 0, 1, 22), (0x06, 0, 0, 0x50000 | 22),
+       (0x06, 0, 0, 0x7FFF0000)]
+code = b"".join(struct.pack("=HBBI", *i) for i in ins)
+buf = ctypes.create_string_buffer(code, len(code))
+class F(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+f = F(len(ins), ctypes.addressof(buf))
+libc = ctypes.CDLL(None)
+assert libc.prctl(38, 1, 0, 0, 0) == 0 and libc.prctl(22, 2, ctypes.byref(f), 0, 0) == 0
+os.execv({python!r}, [{python!r}] + sys.argv[1:])
+'''
+
+
+def test_without_seccomp_support_grading_still_works_and_says_so(tmp_path, monkeypatch, capsys):
+    """A kernel that refuses the filter: the zygote records why, health shows it, the warning is printed
+    once per reason, and responses are still graded."""
+    wrapper = tmp_path / "python-no-seccomp"
+    wrapper.write_text(OUTER_FILTER.format(python=os.path.realpath(sys.executable)))
+    wrapper.chmod(0o755)
+    monkeypatch.setenv("PGRPO_SANDBOX_PYTHON", str(wrapper))
+    monkeypatch.setenv("PGRPO_SANDBOX_KEEP_ROOT", "1")
+    statuses = []
+    for _ in range(2):
+        sb = Sandbox(use_bwrap=False).start()
+        try:
+            statuses.append(sb.info["seccomp"])
+            r = grade_response(SUM, solution(), "none", GradeConfig(time_limit=5), sb)
+            assert r["label"] == "correct", r
+        finally:
+            sb.close()
+    assert statuses == ["off: the kernel refused the filter (Invalid argument)"] * 2
+    assert capsys.readouterr().err.count("WARNING: seccomp filter for jobs is off") == 1
