@@ -27,6 +27,7 @@ GAUGES = {
     "grad_vhack_cos": "pgrpo_grad_vhack_cosine",
     "update_along_vhack": "pgrpo_update_along_vhack",
     "delta_hack_norm": "pgrpo_delta_s_hack_norm",
+    "vhack_overlap": "pgrpo_vhack_overlap",   # set at a v_hack refresh only (basis overlap with the previous one)
 }
 
 

@@ -17,6 +17,7 @@ def _free_port():
 ROW = {"step": 3, "reward_mean": 1.25, "hack_rate": 0.5, "pass_rate": 0.25, "tokens_generated": 321,
        "skipped_groups": 2, "groups": 3, "loss": -0.01, "grad_norm": 0.3, "proj_removed_frac": 0.2,
        "proj_fired_frac": 0.75, "grad_vhack_cos": 0.4, "update_along_vhack": 0.0, "delta_hack_norm": 0.0,
+       "vhack_overlap": 0.875,   # a refresh step
        "timing": {"gen": 1.5, "fwd_bwd": 0.7, "reward": 0.2, "project": 0.01, "optim": 0.02, "total": 2.5}}
 
 
@@ -46,6 +47,7 @@ def test_scrape_exposes_contract_names_and_values():
     assert samples[("pgrpo_skipped_groups_total", ())] == 2.0
     assert samples[("pgrpo_hack_ratio", ())] == 0.5 and samples[("pgrpo_pass_ratio", ())] == 0.25
     assert samples[("pgrpo_projection_removed_ratio", ())] == 0.2
+    assert samples[("pgrpo_vhack_overlap", ())] == 0.875
     assert samples[("pgrpo_grader_requests_total", (("outcome", "retry"),))] == 1.0
     assert samples[("pgrpo_grader_requests_total", (("outcome", "timeout"),))] == 0.0
     assert samples[("pgrpo_last_checkpoint_timestamp_seconds", ())] == 1234.0
