@@ -111,17 +111,32 @@ def pair_diffs(model, adapter, tokenizer, pairs, max_tokens: int | None = None, 
 # ----------------------------------------------------------------------------- the fit (pure math)
 
 
-def split_pairs(n: int, heldout: float, seed: int) -> tuple[list, list]:
-    """Seeded split of pair indices into (fit, held-out); disjoint, fit never empty."""
+def split_pairs(n: int, heldout: float, seed: int, groups: list | None = None) -> tuple[list, list]:
+    """Seeded split of pair indices into (fit, held-out); disjoint, fit never empty.
+
+    With `groups` (one key per pair, e.g. its problem id) whole groups go to one side, so a held-out pair never
+    shares its problem (its prompt) with a fit pair: the report then measures generalisation to unseen problems,
+    not recall of a prompt's gradient. The held-out side takes shuffled groups until it has about heldout * n pairs.
+    """
     if not 0.0 <= heldout < 1.0:
         raise UserError(f"heldout must be in [0, 1), got {heldout}.")
-    idx = list(range(n))
-    random.Random(seed).shuffle(idx)
     n_held = int(round(heldout * n))
     if heldout > 0 and n >= 2:
         n_held = max(1, n_held)
     n_held = min(n_held, n - 1)
-    held, fit = sorted(idx[:n_held]), sorted(idx[n_held:])
+    keys = list(range(n)) if groups is None else list(groups)
+    if len(keys) != n:
+        raise ValueError(f"split_pairs: {len(keys)} group keys for {n} pairs")
+    order = sorted(set(keys), key=str)
+    random.Random(seed).shuffle(order)
+    members = {g: [i for i in range(n) if keys[i] == g] for g in order}
+    held = []
+    for g in order:
+        if len(held) >= n_held or len(held) + len(members[g]) > n - 1:
+            continue
+        held += members[g]
+    held = sorted(held)
+    fit = sorted(set(range(n)) - set(held))
     return fit, held
 
 
@@ -403,7 +418,8 @@ def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.
                    seed: int = 0, max_tokens: int | None = None, log=None, contrast: float = 0.0) -> Extraction:
     """Gradients for every pair, fit on the fit split, report on the held-out split (if any)."""
     t0 = time.time()
-    fit_idx, held_idx = split_pairs(len(pairs), heldout, seed)
+    pids = [p.get("problem_id") if isinstance(p, dict) else None for p in pairs]
+    fit_idx, held_idx = split_pairs(len(pairs), heldout, seed, groups=pids if None not in pids else None)
     was_training = model.training
     model.eval()  # no dropout: the gradient of the policy as it samples
     try:
@@ -556,7 +572,7 @@ def build_model_adapter(cfg):
     return model, adapter, tok
 
 
-CACHE_KEYS = ("pairs_sha256", "model", "k", "cut", "contrast", "heldout", "seed", "config_hash", "max_tokens")
+CACHE_KEYS = ("pairs_sha256", "model", "k", "cut", "contrast", "heldout", "split", "seed", "config_hash", "max_tokens")
 
 
 def cli(argv) -> int:
@@ -595,7 +611,7 @@ def cli(argv) -> int:
     seed = cfg.seed if a.seed is None else a.seed
     device, dtype = resolve_device_dtype(cfg)
     meta = {"pairs_sha256": pairs_sha256(pairs_path), "pairs_path": os.fspath(pairs_path), "model": cfg.model.name,
-            "k": str(a.k), "cut": str(a.cut), "contrast": str(a.contrast), "heldout": str(a.heldout), "seed": str(seed),
+            "k": str(a.k), "cut": str(a.cut), "contrast": str(a.contrast), "heldout": str(a.heldout), "split": "by_problem", "seed": str(seed),
             "config_hash": config_hash(cfg), "adapter_mode": cfg.adapter.mode, "dtype": dtype, "step": "0",
             "max_tokens": str(a.max_tokens), "n_pairs": str(len(pairs))}
 

@@ -208,6 +208,16 @@ def test_heldout_split_is_disjoint_seeded_and_complete():
     assert vhack.split_pairs(10, 0.0, 0) == (list(range(10)), [])
 
 
+def test_heldout_split_by_problem_never_shares_a_problem():
+    from pgrpo.data.pairs import load_pairs
+    pids = [p["problem_id"] for p in load_pairs()]
+    for seed in range(5):
+        fit, held = vhack.split_pairs(len(pids), 0.2, seed, groups=pids)
+        assert fit and held and sorted(fit + held) == list(range(len(pids)))
+        assert not {pids[i] for i in fit} & {pids[i] for i in held}
+        assert abs(len(held) - 0.2 * len(pids)) <= 3
+
+
 def test_heldout_report_beats_null_on_planted_direction():
     D, names, offsets, ranks, _ = _planted(n=60, pos=1.0)
     fit, held = vhack.split_pairs(60, 0.25, 0)
