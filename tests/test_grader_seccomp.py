@@ -77,6 +77,7 @@ import signal
 BLOCKED = []
 for attempt in (lambda: os.kill(os.getppid(), 0), lambda: os.kill(-1, 0), lambda: os.kill(SERVER, 0),
                 lambda: os.killpg(0, 0), lambda: os.pidfd_open(os.getppid()),
+                lambda: __import__("socket").socket(1),   # AF_UNIX: the grader's socket is out of reach
                 lambda: open("/proc/%d/mem" % SERVER, "rb") if {server_mem} else os.kill(1, 0)):
     try:
         attempt()
@@ -195,14 +196,16 @@ def test_default_mode_service_survives_kill_attacks():
         assert g.alive()
 
 
-def test_control_without_the_filter_the_same_kills_land(monkeypatch):
+def test_control_without_the_filter_the_same_kills_land(monkeypatch, tmp_path):
     """Same-uid victims, the real sandbox without bwrap and without a uid drop: without the filter each
-    technique kills its victim; with it every victim survives and the response is graded incorrect."""
+    technique kills its victim (and a Unix socket can be reached); with it every victim survives, nothing
+    connects, and the response is graded incorrect."""
     monkeypatch.setenv("PGRPO_SANDBOX_KEEP_ROOT", "1")   # as root: stay root, i.e. the victims' uid
 
     def attack(v):
-        pre = (INT80 if IA32 else "") + "import ctypes, os, signal\nlibc = ctypes.CDLL(None, use_errno=True)\n"
-        steps = [f"os.killpg({v[1]}, 9)",                                   # victims lead their own group
+        pre = (INT80 if IA32 else "") + "import ctypes, os, signal, socket\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+        steps = [f"socket.socket(socket.AF_UNIX).connect({listen_path!r})",
+                 f"os.killpg({v[1]}, 9)",                                   # victims lead their own group
                  f"signal.pidfd_send_signal(os.pidfd_open({v[2]}), 9)",
                  f"libc.syscall({NR['kill']}, {v[3]}, 9)",
                  f"libc.syscall({NR['tgkill']}, {v[4]}, {v[4]}, 9)"]
@@ -211,6 +214,22 @@ def test_control_without_the_filter_the_same_kills_land(monkeypatch):
         for s in steps:
             pre += f"try:\n    {s}\nexcept OSError:\n    pass\n"
         return solution(f"        os.kill({v[0]}, 9)\n" + HONEST, pre=pre)
+
+    import socket
+    listen_path = str(tmp_path / "service.sock")   # stands in for the grader's socket
+    listener = socket.socket(socket.AF_UNIX)
+    listener.bind(listen_path)
+    listener.listen(8)
+    listener.setblocking(False)
+
+    def connections():
+        n = 0
+        while True:
+            try:
+                listener.accept()[0].close()
+                n += 1
+            except BlockingIOError:
+                return n
 
     outcome = {}
     for seccomp in (False, True):
@@ -221,23 +240,24 @@ def test_control_without_the_filter_the_same_kills_land(monkeypatch):
             assert sb.info["seccomp"] == ("on" if seccomp else "off: disabled by the host")
             r = grade_response(SUM, attack([v.pid for v in victims]), "none", GradeConfig(time_limit=5), sb)
             time.sleep(0.1)
-            outcome[seccomp] = (r, [v.poll() for v in victims])
+            outcome[seccomp] = (r, [v.poll() for v in victims], connections())
         finally:
             sb.close()
             for v in victims:
                 v.kill()
                 v.wait()
+    listener.close()
     n = 6 if IA32 else 5
-    r, dead = outcome[False]
+    r, dead, conns = outcome[False]
     assert r["label"] == "correct"
-    assert dead[:n] == [-9] * n, dead
-    r, dead = outcome[True]
+    assert dead[:n] == [-9] * n and conns >= 1, (dead, conns)
+    r, dead, conns = outcome[True]
     assert r["label"] == "incorrect" and r["gt_pass_rate"] == 0.0, r
-    assert dead == [None] * 6, dead
+    assert dead == [None] * 6 and conns == 0, (dead, conns)
 
 
 def test_legit_code_still_works_under_the_filter():
-    """Threads, deep recursion, alarms and timers, subprocess-free stdlib use: unaffected by the filter."""
+    """Threads, deep recursion, alarms and timers, asyncio, inet sockets: unaffected by the filter."""
     body = ("        import threading, signal, sys, concurrent.futures as cf\n"
             "        sys.setrecursionlimit(20000)\n"
             "        def depth(n): return 0 if n == 0 else 1 + depth(n - 1)\n"
@@ -248,6 +268,10 @@ def test_legit_code_still_works_under_the_filter():
             "        t.start()\n        t.join()\n"
             "        with cf.ThreadPoolExecutor(4) as ex:\n"
             "            assert sum(ex.map(lambda x: x * (x % 2 == 0), nums)) == out[0]\n"
+            "        import asyncio, socket\n"
+            "        async def twice(v):\n            await asyncio.sleep(0)\n            return v\n"
+            "        assert asyncio.run(twice(out[0])) == out[0]   # socketpair + epoll\n"
+            "        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()\n"
             "        return out[0]\n")
     sb = Sandbox().start()
     try:
@@ -270,9 +294,9 @@ def _harness():
     return mod
 
 
-def run_bpf(prog, arch, nr):
+def run_bpf(prog, arch, nr, arg0=0):
     """A tiny interpreter for the three instruction kinds the filter uses, over one seccomp_data."""
-    data = {0: nr, 4: arch}
+    data = {0: nr, 4: arch, 16: arg0}
     pc = 0
     while True:
         code, jt, jf, k = prog[pc]
@@ -297,9 +321,11 @@ def test_filter_program_for_both_architectures():
         prog = [struct.unpack("=HBBI", raw[i:i + 8]) for i in range(0, len(raw), 8)]
         arch = h.AUDIT_ARCH[machine]
         denied = set(h.SECCOMP_DENY[machine].values())
-        assert len(denied) == 10
+        assert len(denied) == 11
         for nr in range(0, 600):
             assert run_bpf(prog, arch, nr) == (deny if nr in denied else allow), (machine, nr)
+        sock = h.SECCOMP_SOCKET[machine]
+        assert [run_bpf(prog, arch, sock, dom) for dom in (1, 2, 10, 16)] == [deny, allow, allow, allow]
         for foreign in (other, 0x40000003, 0x40000028):   # the other 64-bit arch, i386, arm
             assert run_bpf(prog, foreign, 1) == deny
         assert run_bpf(prog, arch, 0x40000000 + 62) == (deny if machine == "x86_64" else allow)
@@ -310,7 +336,7 @@ def test_filter_program_for_both_architectures():
         if not os.path.isfile(path):
             continue
         text = Path(path).read_text()
-        for name, nr in h.SECCOMP_DENY[machine].items():
+        for name, nr in {**h.SECCOMP_DENY[machine], "socket": h.SECCOMP_SOCKET[machine]}.items():
             m = re.search(rf"#define __NR(?:3264)?_{name}\s+(\d+)", text)
             assert m and int(m.group(1)) == nr, (machine, name)
             checked += 1

@@ -9,7 +9,8 @@ the wall limit, collects capped outputs and writes the reply. When the runner is
 everything else left in the sandbox, reaps it and wipes the writable dirs. No interpreter start is paid
 per response, and nothing a response does (processes, files, heap remnants) reaches a later job.
 The child installs a seccomp filter as its last step before model code (see `seccomp_program`): model code
-and its descendants cannot send signals to, ptrace or read/write the memory of any process.
+and its descendants cannot send signals to, ptrace or read/write the memory of any process, nor open a Unix
+socket.
 
 Trust: everything here is UNTRUSTED once model code runs. Model code shares the child process with the
 job logic and can rewrite anything in it, including what it reports. That is fine by construction: the
@@ -311,11 +312,17 @@ def setup_child(job, res_w, out_w, err_w, jobdir):
 SECCOMP_DENY = {
     "x86_64": {"kill": 62, "tkill": 200, "tgkill": 234, "rt_sigqueueinfo": 129, "rt_tgsigqueueinfo": 297,
                "ptrace": 101, "process_vm_readv": 310, "process_vm_writev": 311, "pidfd_send_signal": 424,
-               "pidfd_open": 434},
+               "pidfd_open": 434, "io_uring_setup": 425},
     "aarch64": {"kill": 129, "tkill": 130, "tgkill": 131, "rt_sigqueueinfo": 138, "rt_tgsigqueueinfo": 240,
                 "ptrace": 117, "process_vm_readv": 270, "process_vm_writev": 271, "pidfd_send_signal": 424,
-                "pidfd_open": 434},
+                "pidfd_open": 434, "io_uring_setup": 425},
 }
+# socket(AF_UNIX, ...) is refused too: without bwrap the grader's own socket (and any other Unix socket the
+# container has) would be reachable, and a job could flood the service with requests that outlive it.
+# socketpair() stays allowed (asyncio, multiprocessing pipes). io_uring is refused because its SOCKET /
+# CONNECT operations would bypass this filter.
+SECCOMP_SOCKET = {"x86_64": 41, "aarch64": 198}
+AF_UNIX = 1
 AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}   # EM_* | __AUDIT_ARCH_64BIT | __AUDIT_ARCH_LE
 X32_SYSCALL_BIT = 0x40000000
 
@@ -326,19 +333,24 @@ def seccomp_program(machine):
     differently, and legitimate Python code never uses them."""
     LD_ABS, JEQ, JGE, RET = 0x20, 0x15, 0x35, 0x06   # BPF_LD|W|ABS, BPF_JMP|JEQ|K, BPF_JMP|JGE|K, BPF_RET|K
     ALLOW, DENY = 0x7FFF0000, 0x00050000 | 1          # SECCOMP_RET_ALLOW, SECCOMP_RET_ERRNO | EPERM
-    nrs = sorted(SECCOMP_DENY[machine].values())
     checks = [(JGE, X32_SYSCALL_BIT)] if machine == "x86_64" else []
-    checks += [(JEQ, nr) for nr in nrs]
-    prog = [(LD_ABS, 0, 0, 4)]                     # A = seccomp_data.arch
-    deny_at = 3 + len(checks) + 1                  # index of the final DENY
-    prog.append((JEQ, 0, deny_at - 1 - 1, AUDIT_ARCH[machine]))
-    prog.append((LD_ABS, 0, 0, 0))                 # A = seccomp_data.nr
+    checks += [(JEQ, nr) for nr in sorted(SECCOMP_DENY[machine].values())]
+    # layout: 0 ld arch | 1 arch? | 2 ld nr | checks -> DENY | socket? -> SOCK | ALLOW | SOCK: ld args[0] |
+    #         AF_UNIX? -> DENY | ALLOW | DENY
+    sock_at = 3 + len(checks) + 2
+    deny_at = sock_at + 3
+    prog = [(LD_ABS, 0, 0, 4),                      # A = seccomp_data.arch
+            (JEQ, 0, deny_at - 2, AUDIT_ARCH[machine]),
+            (LD_ABS, 0, 0, 0)]                      # A = seccomp_data.nr
     for op, k in checks:
-        i = len(prog)
-        prog.append((op, deny_at - i - 1, 0, k))
+        prog.append((op, deny_at - len(prog) - 1, 0, k))
+    prog.append((JEQ, sock_at - len(prog) - 1, 0, SECCOMP_SOCKET[machine]))
+    prog.append((RET, 0, 0, ALLOW))
+    prog.append((LD_ABS, 0, 0, 16))                 # A = low 32 bits of args[0] (little-endian): the domain
+    prog.append((JEQ, deny_at - len(prog) - 1, 0, AF_UNIX))
     prog.append((RET, 0, 0, ALLOW))
     prog.append((RET, 0, 0, DENY))
-    assert len(prog) == deny_at + 1
+    assert len(prog) == deny_at + 1 and prog[sock_at][3] == 16
     return b"".join(struct.pack("=HBBI", *ins) for ins in prog)
 
 

@@ -15,7 +15,8 @@ Layers (outermost first):
   it cannot touch root-owned files, and a sweep `kill(-1)` only reaches the sandbox's own processes).
 - the zygote and everything in it form one process group; killing the worker kills the group.
 - in each job child, a seccomp filter (harness.py) refuses kill/tkill/tgkill/rt_(tg)sigqueueinfo/pidfd_*/
-  ptrace/process_vm_* with EPERM, so even a job sharing our uid cannot signal or tamper with this process.
+  ptrace/process_vm_*, socket(AF_UNIX) and io_uring with EPERM, so even a job sharing our uid cannot
+  signal or tamper with this process, nor talk to a Unix socket (the grader's own included).
 Without bwrap (e.g. a container that already forbids user namespaces) the remaining layers are rlimits,
 process groups, a private dir, the seccomp filter and the uid drop; the container must supply no-network and
 a read-only root. Without bwrap and without a uid drop this process makes itself non-dumpable (its /proc
