@@ -66,6 +66,8 @@ def parent_of(pid):
     with open("/proc/%d/stat" % pid) as f:
         return int(f.read().rsplit(")", 1)[1].split()[1])
 SERVER = parent_of(parent_of(os.getppid()))
+ARGV = open("/proc/%d/cmdline" % SERVER, "rb").read().decode().split("\\0") if SERVER else []
+SOCKDIR = os.path.dirname(ARGV[ARGV.index("--socket") + 1]) if "--socket" in ARGV else None
 '''
 
 # Harmless probe (signal 0 checks permission only, opens are read-only): the honest answer comes back only
@@ -78,6 +80,8 @@ BLOCKED = []
 for attempt in (lambda: os.kill(os.getppid(), 0), lambda: os.kill(-1, 0), lambda: os.kill(SERVER, 0),
                 lambda: os.killpg(0, 0), lambda: os.pidfd_open(os.getppid()),
                 lambda: __import__("socket").socket(1),   # AF_UNIX: the grader's socket is out of reach
+                lambda: open("../landlock-probe", "w"),     # landlock: nothing writable beside the job dir
+                lambda: open(os.path.join(SOCKDIR, "probe"), "w") if SOCKDIR else os.kill(1, 0),
                 lambda: open("/proc/%d/mem" % SERVER, "rb") if {server_mem} else os.kill(1, 0)):
     try:
         attempt()
@@ -101,6 +105,7 @@ ATTACKS = [
         "    if name.isdigit() and int(name) != os.getpid():\n"
         "        try:\n            os.kill(int(name), signal.SIGKILL)\n        except ProcessLookupError:\n"
         "            pass\n"))),
+    ("unlink_grader_socket", solution(pre=FIND_SERVER + "os.unlink(ARGV[ARGV.index('--socket') + 1])\n")),
     ("pidfd_kill_parent", solution(pre="import os, signal\n"
                                         "signal.pidfd_send_signal(os.pidfd_open(os.getppid()), 9)\n")),
     ("raw_syscall_kill_everyone", solution(pre="import ctypes, os\nlibc = ctypes.CDLL(None, use_errno=True)\n"
@@ -114,7 +119,7 @@ if IA32:   # i386 table via int 0x80: kill(-1, 9); returns -errno
 def check_service(client, workers, server_mem):
     """The full sequence against one running server: probe, attacks, then the service must be intact."""
     h0 = client.health()
-    assert h0["sandbox"]["seccomp"] == "on", h0["sandbox"]
+    assert h0["sandbox"]["seccomp"] == "on" and h0["sandbox"]["landlock"].startswith("on"), h0["sandbox"]
     pr = client.grade([{"problem": SUM, "response": probe(server_mem), "mode": "none", "id": "probe"}], config=FAST)[0]
     assert pr["label"] == "correct", pr   # never send real kills if the harmless probe got through
     for mode in ("none", "run_tests"):
@@ -205,6 +210,7 @@ def test_control_without_the_filter_the_same_kills_land(monkeypatch, tmp_path):
     def attack(v):
         pre = (INT80 if IA32 else "") + "import ctypes, os, signal, socket\nlibc = ctypes.CDLL(None, use_errno=True)\n"
         steps = [f"socket.socket(socket.AF_UNIX).connect({listen_path!r})",
+                 f"open({outside!r}, 'w').close()",
                  f"os.killpg({v[1]}, 9)",                                   # victims lead their own group
                  f"signal.pidfd_send_signal(os.pidfd_open({v[2]}), 9)",
                  f"libc.syscall({NR['kill']}, {v[3]}, 9)",
@@ -216,6 +222,7 @@ def test_control_without_the_filter_the_same_kills_land(monkeypatch, tmp_path):
         return solution(f"        os.kill({v[0]}, 9)\n" + HONEST, pre=pre)
 
     import socket
+    outside = str(tmp_path / "written-by-the-job")   # a place beside the job dir
     listen_path = str(tmp_path / "service.sock")   # stands in for the grader's socket
     listener = socket.socket(socket.AF_UNIX)
     listener.bind(listen_path)
@@ -238,9 +245,12 @@ def test_control_without_the_filter_the_same_kills_land(monkeypatch, tmp_path):
         try:
             assert sb.info["uid"] == os.geteuid()
             assert sb.info["seccomp"] == ("on" if seccomp else "off: disabled by the host")
+            assert sb.info["landlock"].startswith("on") == seccomp
             r = grade_response(SUM, attack([v.pid for v in victims]), "none", GradeConfig(time_limit=5), sb)
             time.sleep(0.1)
-            outcome[seccomp] = (r, [v.poll() for v in victims], connections())
+            outcome[seccomp] = (r, [v.poll() for v in victims], connections() + 10 * os.path.exists(outside))
+            if os.path.exists(outside):
+                os.unlink(outside)
         finally:
             sb.close()
             for v in victims:
@@ -250,14 +260,14 @@ def test_control_without_the_filter_the_same_kills_land(monkeypatch, tmp_path):
     n = 6 if IA32 else 5
     r, dead, conns = outcome[False]
     assert r["label"] == "correct"
-    assert dead[:n] == [-9] * n and conns >= 1, (dead, conns)
+    assert dead[:n] == [-9] * n and conns == 11, (dead, conns)   # connected once, wrote the file
     r, dead, conns = outcome[True]
     assert r["label"] == "incorrect" and r["gt_pass_rate"] == 0.0, r
     assert dead == [None] * 6 and conns == 0, (dead, conns)
 
 
 def test_legit_code_still_works_under_the_filter():
-    """Threads, deep recursion, alarms and timers, asyncio, inet sockets: unaffected by the filter."""
+    """Threads, deep recursion, alarms and timers, asyncio, inet sockets, temp files, /dev/null: unaffected."""
     body = ("        import threading, signal, sys, concurrent.futures as cf\n"
             "        sys.setrecursionlimit(20000)\n"
             "        def depth(n): return 0 if n == 0 else 1 + depth(n - 1)\n"
@@ -272,10 +282,14 @@ def test_legit_code_still_works_under_the_filter():
             "        async def twice(v):\n            await asyncio.sleep(0)\n            return v\n"
             "        assert asyncio.run(twice(out[0])) == out[0]   # socketpair + epoll\n"
             "        socket.socket(socket.AF_INET, socket.SOCK_DGRAM).close()\n"
+            "        import tempfile, os\n"
+            "        with tempfile.NamedTemporaryFile('w+') as f, open(os.devnull, 'w') as null:\n"
+            "            f.write('x'); f.flush(); null.write('y')\n"
+            "        open('scratch.txt', 'w').write('z')\n"
             "        return out[0]\n")
     sb = Sandbox().start()
     try:
-        assert sb.info["seccomp"] == "on"
+        assert sb.info["seccomp"] == "on" and sb.info["landlock"].startswith("on")
         r = grade_response(SUM, solution(body), "none", GradeConfig(time_limit=5), sb)
         own = grade_response(SUM, solution(pre="import os\nos.kill(os.getpid(), 0)\n"), "none",
                              GradeConfig(time_limit=5), sb)

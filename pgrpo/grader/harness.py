@@ -10,7 +10,7 @@ everything else left in the sandbox, reaps it and wipes the writable dirs. No in
 per response, and nothing a response does (processes, files, heap remnants) reaches a later job.
 The child installs a seccomp filter as its last step before model code (see `seccomp_program`): model code
 and its descendants cannot send signals to, ptrace or read/write the memory of any process, nor open a Unix
-socket.
+socket; before it, Landlock limits file writes to the job dir (and /dev).
 
 Trust: everything here is UNTRUSTED once model code runs. Model code shares the child process with the
 job logic and can rewrite anything in it, including what it reports. That is fine by construction: the
@@ -43,6 +43,7 @@ PREIMPORT = ("typing", "functools", "collections", "itertools", "heapq", "bisect
              "statistics", "sortedcontainers")
 RESULT_CAP = 32 << 20     # bytes of child result lines kept
 SECCOMP_INSTALL = None    # set by the zygote when the startup probe saw the filter work
+LANDLOCK_RESTRICT = None  # likewise for the landlock write restriction
 ERR_CAP = 4096
 MAX_FRAME = 256 << 20
 
@@ -410,6 +411,98 @@ def seccomp_probe(install):
     return "off: the filter did not block kill() (exit %d)" % code
 
 
+# ----------------------------------------------------------------------------- landlock (job child only)
+
+# Why: seccomp cannot look at paths. Without bwrap a job shares the grader's uid and could unlink or
+# replace the grader's socket (/sock/grader.sock) or fill places outside its own dir. Landlock (Linux 5.13+,
+# unprivileged) lets the child give up every write-ish file right except beneath its own job dir; writes to
+# already-open fds and to /dev (e.g. /dev/null) still work, reads are untouched. Best effort, like seccomp.
+LL_CREATE, LL_ADD_RULE, LL_RESTRICT = 444, 445, 446   # same numbers on x86_64 and aarch64 (asm-generic)
+LL_WRITE_FILE, LL_TRUNCATE = 1 << 1, 1 << 14
+LL_WRITES = LL_WRITE_FILE | sum(1 << b for b in range(4, 13))   # remove_dir/file, make_char..make_sym
+
+
+def landlock_prepare():
+    """-> (restrict(jobdir), status)."""
+    if os.uname().machine not in SECCOMP_DENY or struct.calcsize("P") != 8:
+        return None, "off: no landlock numbers for this architecture"
+    try:
+        import ctypes
+        libc = ctypes.CDLL(None, use_errno=True)
+        syscall = libc.syscall
+        syscall.restype = ctypes.c_long
+        abi = syscall(ctypes.c_long(LL_CREATE), None, ctypes.c_size_t(0), ctypes.c_uint32(1))   # VERSION
+        if abi < 1:
+            err = ctypes.get_errno()
+            return None, "off: landlock unavailable (%s)" % os.strerror(err)
+    except Exception as e:
+        return None, "off: cannot call landlock (%s)" % type(e).__name__
+    handled = LL_WRITES | (1 << 13 if abi >= 2 else 0) | (LL_TRUNCATE if abi >= 3 else 0)   # + refer, truncate
+    dev_access = LL_WRITE_FILE | (LL_TRUNCATE if abi >= 3 else 0)
+
+    def check(r):
+        if r < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        return r
+
+    def restrict(jobdir):
+        attr = ctypes.c_uint64(handled)   # struct landlock_ruleset_attr, first field only
+        rfd = check(syscall(ctypes.c_long(LL_CREATE), ctypes.byref(attr), ctypes.c_size_t(8), ctypes.c_uint32(0)))
+        try:
+            for path, access in ((jobdir, handled), ("/dev", dev_access)):
+                try:
+                    pfd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+                except OSError:
+                    continue
+                try:   # struct landlock_path_beneath_attr (packed): u64 allowed_access, s32 parent_fd
+                    rule = ctypes.create_string_buffer(struct.pack("=Qi", access, pfd), 12)
+                    check(syscall(ctypes.c_long(LL_ADD_RULE), ctypes.c_int(rfd), ctypes.c_int(1), rule,
+                                  ctypes.c_uint32(0)))
+                finally:
+                    os.close(pfd)
+            check(libc.prctl(ctypes.c_ulong(38), ctypes.c_ulong(1), ctypes.c_ulong(0), ctypes.c_ulong(0),
+                             ctypes.c_ulong(0)))   # PR_SET_NO_NEW_PRIVS: required before restrict_self
+            check(syscall(ctypes.c_long(LL_RESTRICT), ctypes.c_int(rfd), ctypes.c_uint32(0)))
+        finally:
+            os.close(rfd)
+    return restrict, "on (abi %d)" % abi
+
+
+def landlock_probe(restrict, base):
+    """Restrict a throwaway child to a scratch dir under `base` and check a write next to it fails."""
+    scratch = os.path.join(base, ".landlock-probe")
+    os.makedirs(scratch, exist_ok=True)
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            try:
+                restrict(scratch)
+            except OSError as e:
+                code = 100 + min(e.errno or 0, 99)
+            else:
+                open(os.path.join(scratch, "inside"), "w").close()
+                try:
+                    open(os.path.join(base, ".landlock-outside"), "w").close()
+                except PermissionError:
+                    code = 0
+        finally:
+            os._exit(code)
+    _, st = os.waitpid(pid, 0)
+    code = os.waitstatus_to_exitcode(st)
+    shutil.rmtree(scratch, ignore_errors=True)
+    try:
+        os.unlink(os.path.join(base, ".landlock-outside"))
+    except OSError:
+        pass
+    if code == 0:
+        return None
+    if code >= 100:
+        return "off: the kernel refused the ruleset (%s)" % os.strerror(code - 100)
+    return "off: the ruleset did not block a write (exit %d)" % code
+
+
 # ----------------------------------------------------------------------------- zygote side
 
 def read_result_file(jobdir, name):
@@ -444,11 +537,16 @@ def run_job(job, base, seq):
             for r, _ in pipes:
                 os.close(r)
             res_fd = setup_child(job, pipes[0][1], pipes[1][1], pipes[2][1], jobdir)
+            if LANDLOCK_RESTRICT is not None:   # writes only beneath the job dir (and to /dev)
+                try:
+                    LANDLOCK_RESTRICT(jobdir)
+                except OSError:
+                    pass   # the startup probe saw it work; a refusal now still grades (health says how)
             if SECCOMP_INSTALL is not None:   # last step before model code: nothing below signals anyone
                 try:
                     SECCOMP_INSTALL()
                 except OSError:
-                    pass   # the startup probe saw it work; a refusal now still grades (health says how)
+                    pass
             child_main(job, res_fd)
         except BaseException:
             pass
@@ -554,6 +652,17 @@ def main():
             SECCOMP_INSTALL = install if seccomp == "on" else None
     else:
         seccomp = "off: disabled by the host"
+    global LANDLOCK_RESTRICT
+    if cfg.get("seccomp", True):
+        restrict, landlock = landlock_prepare()
+        if restrict is not None:
+            try:
+                landlock = landlock_probe(restrict, cfg["workdir"]) or landlock
+            except OSError as e:
+                landlock = "off: probe failed (%s)" % type(e).__name__
+            LANDLOCK_RESTRICT = restrict if landlock.startswith("on") else None
+    else:
+        landlock = "off: disabled by the host"
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     # Everything the zygote allocated so far is shared copy-on-write with each runner/child; a garbage
     # collection there would touch (and so copy) all of it, ~1.3 ms per job. Frozen objects are never scanned.
@@ -563,7 +672,7 @@ def main():
     base = cfg["workdir"]
     os.chdir(base)
     write_frame(out_fd, {"ready": True, "pid": os.getpid(), "uid": os.getuid(),
-                         "python": sys.version.split()[0], "seccomp": seccomp})
+                         "python": sys.version.split()[0], "seccomp": seccomp, "landlock": landlock})
     sweep = bool(cfg.get("sweep", False))
     seq = 0
     while True:

@@ -16,7 +16,8 @@ Layers (outermost first):
 - the zygote and everything in it form one process group; killing the worker kills the group.
 - in each job child, a seccomp filter (harness.py) refuses kill/tkill/tgkill/rt_(tg)sigqueueinfo/pidfd_*/
   ptrace/process_vm_*, socket(AF_UNIX) and io_uring with EPERM, so even a job sharing our uid cannot
-  signal or tamper with this process, nor talk to a Unix socket (the grader's own included).
+  signal or tamper with this process, nor talk to a Unix socket (the grader's own included); Landlock
+  limits its file writes to its own job dir (and /dev), so it cannot unlink the grader's socket either.
 Without bwrap (e.g. a container that already forbids user namespaces) the remaining layers are rlimits,
 process groups, a private dir, the seccomp filter and the uid drop; the container must supply no-network and
 a read-only root. Without bwrap and without a uid drop this process makes itself non-dumpable (its /proc
@@ -218,7 +219,7 @@ class Sandbox:
                   f"other processes of uid {uid if uid is not None else os.geteuid()}", file=sys.stderr, flush=True)
         self.info = {"bwrap": bool(bw), "uid": uid if uid is not None else os.geteuid(),
                      "python": python, "python_version": ready.get("python"), "pid": self.proc.pid,
-                     "seccomp": seccomp}
+                     "seccomp": seccomp, "landlock": str(ready.get("landlock", "off: unknown"))}
         return self
 
     def alive(self):

@@ -156,7 +156,8 @@ class GraderServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 "alive": sum(w.sandbox.alive() for w in self.workers),
                 "sandbox_pids": [getattr(w.sandbox.proc, "pid", None) for w in self.workers],
                 "restarts": sum(max(0, w.restarts) for w in self.workers),
-                "sandbox": {k: info.get(k) for k in ("bwrap", "uid", "python", "python_version", "seccomp")},
+                "sandbox": {k: info.get(k) for k in ("bwrap", "uid", "python", "python_version", "seccomp",
+                                                      "landlock")},
                 "queue": self.queue.qsize(), "uptime_s": round(time.time() - self.started, 1),
                 "pid": os.getpid(), "config": self.config.to_dict(), **self.counters}
 
