@@ -1,10 +1,13 @@
-"""The per-job seccomp filter: responses cannot signal, ptrace or peek into other processes.
+"""The per-job seccomp filter and Landlock rules: responses cannot signal, ptrace or peek into other
+processes, open Unix sockets, or write outside their own job dir.
 
 Why it matters: in the docker-compose grader (no bwrap, one unprivileged uid for server, zygotes and jobs)
-a response that does `os.kill(-1, 9)` or kills its parent chain would take the grading service down.
+a response that does `os.kill(-1, 9)`, kills its parent chain or unlinks the grader's socket would take
+the grading service down.
 Here the server runs exactly like that (--no-bwrap, server and sandbox under one uid; as root the test
 runs it under a dedicated throwaway uid so a failure cannot hurt anything else), and also in default mode.
-A control without the filter shows the same attacks really kill a same-uid victim.
+A control without the filter shows the same attacks really kill a same-uid victim, reach a Unix socket
+and write beside the job dir.
 
 Safety: every batch that sends real SIGKILLs is preceded by a probe that only uses signal 0 (harmless)
 and must come back `correct` (= every probe was refused) before anything dangerous is sent.
