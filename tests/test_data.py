@@ -272,3 +272,12 @@ def test_data_package_imports_without_torch():
             "print('ok')")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
+
+
+def test_loader_refuses_asserts_the_grader_cannot_check_hack_proof(tmp_path):
+    row = P.problem_to_row(P.builtin_problems()[0])
+    row["gt_answer"] = row["gt_answer"][:2] + ["assert is_same_list(Solution().f(h), list_node([1]))"]
+    path = tmp_path / "p.jsonl"
+    path.write_text(json.dumps(row) + "\n")
+    with pytest.raises(UserError, match=rf"{path}:1: gt_answer\[2\] is not of the form"):
+        P.load_problems(path)

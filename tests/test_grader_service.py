@@ -454,14 +454,20 @@ def test_without_bwrap_the_remaining_layers_still_hold():
         assert c.health()["alive"] == 1
 
 
-def test_opaque_asserts_fall_back_to_running_in_the_sandbox(client):
+def test_asserts_that_are_not_hack_proof_are_refused_not_run(client):
+    """An assert the grader cannot split into call + literal would need its expected value in the sandbox:
+    the server refuses the row with a reason, and a hand-built Problem gets those tests counted as failed."""
+    import dataclasses
+    from pgrpo.grader.grade import GradeConfig, grade_response
+    odd = "assert Solution().sumOfEvens(nums = [2]) in (2, 3)"
     row = problem_to_row(SUM)
-    row["id"] = "opaque"
-    row["gt_answer"] = row["gt_answer"][:3] + ["assert Solution().sumOfEvens(nums = [2]) in (2, 3)"]
-    r = grade_one(client, sum_solution(), problem=row)
-    assert r["opaque_tests"] == 1 and r["label"] == "correct"
-    r = grade_one(client, sum_solution("        return 5\n"), problem=row)
-    assert r["opaque_tests"] == 1 and r["gt_pass_rate"] == 0.0
+    row["gt_answer"] = row["gt_answer"][:3] + [odd]
+    with pytest.raises(GraderError, match=r"gt_answer\[3\] is not of the form"):
+        grade_one(client, sum_solution(), problem=row)
+    assert client.health()["ok"]
+    r = grade_response(dataclasses.replace(SUM, gt_answer=SUM.gt_answer[:3] + [odd]), sum_solution(), "none",
+                       GradeConfig(time_limit=5))
+    assert r["opaque_tests"] == 1 and r["gt_pass_rate"] == 0.75 and not r["gt_pass"] and "count as failed" in r["error"]
 
 
 def test_pgrpo_grade_cli_starts_its_own_grader(tmp_path):

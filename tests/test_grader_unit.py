@@ -143,3 +143,17 @@ def test_nothing_carries_over_between_jobs_of_one_sandbox():
         sb.close()
     assert first["label"] == "correct"
     assert second["label"] == "correct", second
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only a root grader can end up without a uid to drop to")
+def test_root_without_bwrap_or_uid_drop_refuses_to_run_model_code(monkeypatch):
+    """Root ignores RLIMIT_NPROC and cannot sweep leftovers without hitting itself, so a root grader that has
+    neither bubblewrap nor an interpreter an unprivileged uid can run must refuse rather than grade unsafely."""
+    from pgrpo.grader import sandbox as sbx
+    monkeypatch.setattr(sbx, "sandbox_python", lambda drop: None)
+    monkeypatch.delenv("PGRPO_SANDBOX_KEEP_ROOT", raising=False)
+    with pytest.raises(sbx.SandboxError, match="refusing to run model code as root"):
+        Sandbox(use_bwrap=False).start()
+    monkeypatch.setenv("PGRPO_SANDBOX_KEEP_ROOT", "1")   # the explicit opt-in (tests of the same-uid setup)
+    sb = Sandbox(use_bwrap=False).start()
+    sb.close()

@@ -74,6 +74,11 @@ def _validate(d) -> Problem:
     for i, t in enumerate(gt):
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f"gt_answer[{i}] must be a non-empty string")
+    from pgrpo.grader.grade import parse_test   # the grader's own parser: what it accepts, we accept
+    for i, t in enumerate(gt):
+        if "opaque" in parse_test(t):
+            raise ValueError(f"gt_answer[{i}] is not of the form `assert Solution().method(args) == <literal>`, "
+                             f"the only form the grader can check without the expected value entering the sandbox")
     func_name = _req_str(d, "func_name")
     if not func_name.rsplit(".", 1)[-1].isidentifier():
         raise ValueError(f"field 'func_name' {func_name!r} does not end in a method name")

@@ -196,6 +196,13 @@ class Sandbox:
             if uid is not None:
                 os.chown(self._hostdir, uid, uid)
             workdir = self._hostdir
+        if not bw and uid is None and os.geteuid() == 0 and os.environ.get("PGRPO_SANDBOX_KEEP_ROOT") != "1":
+            # root ignores RLIMIT_NPROC and the between-jobs sweep would hit the server: leftovers of one job
+            # (a setsid daemon) could outlive it and forge the next job's loophole marker. Refuse, unless asked.
+            self.close()
+            raise SandboxError("refusing to run model code as root without bubblewrap or a uid to drop to: "
+                               "install bubblewrap, set PGRPO_SANDBOX_PYTHON to an interpreter an unprivileged "
+                               "user can run, or run the grader as a non-root user.")
         if not bw and uid is None:
             _make_host_undumpable()
         with open(HARNESS_PATH, encoding="utf-8") as f:
