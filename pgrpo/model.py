@@ -212,6 +212,11 @@ def load_model(name_or_path: str = "tiny", dtype="float32", device="cpu", seed: 
     dt = resolve_dtype(dtype)
     if name_or_path == "tiny":
         model, tok = build_tiny_model(seed=seed), ByteTokenizer()
+    elif name_or_path.startswith("tiny:"):
+        # A warm-started tiny model (`python -m pgrpo.substrate warmstart --out DIR`): the tiny architecture
+        # with DIR/warm.json's overrides and DIR/model.safetensors' weights; `seed` is not used (the
+        # weights are fixed). The tokenizer is still the ByteTokenizer.
+        model, tok = load_warm_tiny(name_or_path[len("tiny:"):]), ByteTokenizer()
     else:
         from transformers import AutoModelForCausalLM, AutoTokenizer
         try:
@@ -225,3 +230,21 @@ def load_model(name_or_path: str = "tiny", dtype="float32", device="cpu", seed: 
         gc.eos_token_id = tok.eos_token_ids
     model = model.to(device=device, dtype=dt).eval()
     return model, tok
+
+
+def load_warm_tiny(path: str):
+    """The tiny Qwen3 saved by ``pgrpo.substrate warmstart`` in directory ``path`` (fp32, eval mode)."""
+    import json
+    import os
+
+    from safetensors.torch import load_file
+
+    meta_path, weights = os.path.join(path, "warm.json"), os.path.join(path, "model.safetensors")
+    if not (os.path.isfile(meta_path) and os.path.isfile(weights)):
+        raise UserError(f"model tiny:{path}: no warm start there (expected warm.json and model.safetensors; "
+                        f"build it with `python -m pgrpo.substrate warmstart --out {path}`)")
+    with open(meta_path, encoding="utf-8") as f:
+        meta = json.load(f)
+    model = build_tiny_model(seed=int(meta.get("seed", 0)), **meta.get("overrides", {}))
+    model.load_state_dict(load_file(weights), strict=True)
+    return model.eval()
