@@ -52,7 +52,8 @@ FROM ${GRADER_IMAGE} AS grader
 ARG APP_UID
 # The container is the sandbox here: compose runs it with no network, read-only root, no capabilities and
 # pid/memory limits. bubblewrap is deliberately absent (user namespaces are blocked by the default seccomp
-# profile anyway); the grader falls back to rlimits + process groups for each execution.
+# profile anyway); each execution gets rlimits, its own process group and private dir, a seccomp filter (no
+# signals to other processes, no ptrace, no Unix sockets) and Landlock (writes only in its own dir).
 RUN groupadd --gid "${APP_UID}" pgrpo \
  && useradd --uid "${APP_UID}" --gid "${APP_UID}" --no-create-home --home-dir /tmp --shell /usr/sbin/nologin pgrpo \
  && mkdir -p /sock && chown "${APP_UID}:${APP_UID}" /sock
