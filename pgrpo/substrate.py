@@ -26,6 +26,11 @@ RUN_DIR/heldout.jsonl, which `pgrpo report` reads.
 DIR/pairs.json (v_hack extraction pairs, train problems, `pgrpo extract --pairs`) and DIR/heldout.json.
 The split is by problem: the first `n_train` built-in problems train (the preset sets
 `data.max_problems` to the same number), the rest are held out.
+
+Warm start (jobs/cpu-hack-warm.yaml): `build --short` writes ~130-byte hack/honest templates instead, and
+`python -m pgrpo.substrate warmstart --data DIR --out DIR/warm` teacher-forces a tiny Qwen3 (hidden 128) on
+them (training problems only), so the base model's *own* samples are well-formed and hack ~20% of the
+time; `model.name: tiny:DIR/warm` loads it (pgrpo.model.load_model).
 """
 from __future__ import annotations
 
