@@ -66,13 +66,13 @@ queue-full:
 	$(PGRPO) sweep --config jobs/sweep-full.yaml
 
 queue-cpu:
-	$(PGRPO) sweep --config jobs/sweep-cpu.yaml
+	$(PGRPO) sweep --config jobs/sweep-cpu-warm.yaml
 
 report:
 	$(PGRPO) report runs/sweep-full --out report/sweep-full
 
 report-cpu:
-	$(PGRPO) report runs/sweep-cpu --out report/sweep-cpu
+	$(PGRPO) report runs/sweep-cpu-warm --out report/sweep-cpu-warm
 
 clean:
 	rm -rf build *.egg-info pgrpo/_C*.so
