@@ -385,25 +385,35 @@ def seccomp_prepare():
     return install, "on"
 
 
-def seccomp_probe(install):
-    """Install the filter in a throwaway child and check that kill() really fails: -> status string."""
+def _probe_in_child(apply, blocked):
+    """Fork a throwaway child that runs apply() then blocked() -> exit code: 0 = the layer works (blocked() is
+    True), 100+errno = apply() was refused by the kernel, 1 = applied but the forbidden act went through."""
     pid = os.fork()
     if pid == 0:
         code = 1
         try:
             try:
-                install()
+                apply()
             except OSError as e:
                 code = 100 + min(e.errno or 0, 99)
             else:
-                try:
-                    os.kill(os.getpid(), 0)
-                except PermissionError:
-                    code = 0
+                code = 0 if blocked() else 1
         finally:
             os._exit(code)
     _, st = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(st)
+    return os.waitstatus_to_exitcode(st)
+
+
+def seccomp_probe(install):
+    """Install the filter in a throwaway child and check that kill() really fails: -> status string."""
+    def kill_blocked():
+        try:
+            os.kill(os.getpid(), 0)
+        except PermissionError:
+            return True
+        return False
+
+    code = _probe_in_child(install, kill_blocked)
     if code == 0:
         return "on"
     if code >= 100:
@@ -473,24 +483,16 @@ def landlock_probe(restrict, base):
     """Restrict a throwaway child to a scratch dir under `base` and check a write next to it fails."""
     scratch = os.path.join(base, ".landlock-probe")
     os.makedirs(scratch, exist_ok=True)
-    pid = os.fork()
-    if pid == 0:
-        code = 1
+
+    def write_blocked():
+        open(os.path.join(scratch, "inside"), "w").close()
         try:
-            try:
-                restrict(scratch)
-            except OSError as e:
-                code = 100 + min(e.errno or 0, 99)
-            else:
-                open(os.path.join(scratch, "inside"), "w").close()
-                try:
-                    open(os.path.join(base, ".landlock-outside"), "w").close()
-                except PermissionError:
-                    code = 0
-        finally:
-            os._exit(code)
-    _, st = os.waitpid(pid, 0)
-    code = os.waitstatus_to_exitcode(st)
+            open(os.path.join(base, ".landlock-outside"), "w").close()
+        except PermissionError:
+            return True
+        return False
+
+    code = _probe_in_child(lambda: restrict(scratch), write_blocked)
     shutil.rmtree(scratch, ignore_errors=True)
     try:
         os.unlink(os.path.join(base, ".landlock-outside"))
