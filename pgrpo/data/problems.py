@@ -7,6 +7,7 @@ would change every reported number. The same validation is used for rows that ar
 socket (`problem_from_row`), so the grader never trusts a shape it has not checked.
 """
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -51,6 +52,14 @@ def _req_str(d, key, allow_empty=False):
     return v
 
 
+@functools.lru_cache(maxsize=4096)
+def _first_opaque_assert(gt: tuple):
+    """Index of the first assert the grader cannot split into call + literal, or None. Cached: the grader
+    server validates every item's problem row, and GRPO sends the same problem G times per step."""
+    from pgrpo.grader.grade import parse_test   # the grader's own parser: what it accepts, we accept
+    return next((i for i, t in enumerate(gt) if "opaque" in parse_test(t)), None)
+
+
 def _validate(d) -> Problem:
     """Build a Problem from one decoded row or raise ValueError(reason)."""
     if not isinstance(d, dict):
@@ -74,11 +83,10 @@ def _validate(d) -> Problem:
     for i, t in enumerate(gt):
         if not isinstance(t, str) or not t.strip():
             raise ValueError(f"gt_answer[{i}] must be a non-empty string")
-    from pgrpo.grader.grade import parse_test   # the grader's own parser: what it accepts, we accept
-    for i, t in enumerate(gt):
-        if "opaque" in parse_test(t):
-            raise ValueError(f"gt_answer[{i}] is not of the form `assert Solution().method(args) == <literal>`, "
-                             f"the only form the grader can check without the expected value entering the sandbox")
+    i = _first_opaque_assert(tuple(gt))
+    if i is not None:
+        raise ValueError(f"gt_answer[{i}] is not of the form `assert Solution().method(args) == <literal>`, "
+                         f"the only form the grader can check without the expected value entering the sandbox")
     func_name = _req_str(d, "func_name")
     if not func_name.rsplit(".", 1)[-1].isidentifier():
         raise ValueError(f"field 'func_name' {func_name!r} does not end in a method name")
