@@ -2,12 +2,13 @@
 
 import ast
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from helpers import SHARED
 
 from pgrpo.data import problems as P
 from pgrpo.data import prompts as PR
@@ -16,12 +17,6 @@ from pgrpo.errors import UserError
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _shared_path() -> Path:
-    p = Path(os.environ.get("PGRPO_SHARED_DATA", REPO.parent / "shared" / "data"))
-    return p / "leetcode_medhard_dev.jsonl" if p.is_dir() else p
-
-
-SHARED = _shared_path()
 needs_shared = pytest.mark.skipif(not SHARED.is_file(), reason=f"shared benchmark rows absent ({SHARED})")
 
 

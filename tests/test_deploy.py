@@ -28,6 +28,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
+from helpers import free_port
 import yaml
 
 from pgrpo.data.problems import builtin_problems
@@ -73,12 +75,6 @@ def need(binary):
     if path is None:
         pytest.skip(f"`{binary}` is not installed (apt-get install {binary})")
     return path
-
-
-def free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def load_yaml(path):

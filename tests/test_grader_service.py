@@ -17,11 +17,12 @@ from pathlib import Path
 
 import pytest
 
+from helpers import SHARED
+
 from pgrpo.data.problems import builtin_problems, load_problems, problem_to_row
 from pgrpo.grader.client import GraderClient, GraderError, LocalGrader
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PGRPO_SHARED_DATA", REPO.parent / "shared" / "data")) / "leetcode_medhard_dev.jsonl"
 FAST = {"time_limit": 1.0}
 PROBLEMS = {p.id: p for p in builtin_problems()}
 SUM = PROBLEMS["b001"]        # sumOfEvens(nums) -> int

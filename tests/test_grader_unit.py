@@ -7,13 +7,14 @@ from pathlib import Path
 
 import pytest
 
+from helpers import SHARED
+
 from pgrpo.data.problems import builtin_problems
 from pgrpo.grader.extract import extract_code
 from pgrpo.grader.grade import (GradeConfig, Invalid, decode_plain, grade_response, label_for, parse_test)
 from pgrpo.grader.sandbox import Sandbox
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED = Path(os.environ.get("PGRPO_SHARED_DATA", REPO.parent / "shared" / "data")) / "leetcode_medhard_dev.jsonl"
 
 
 @pytest.fixture(scope="module")

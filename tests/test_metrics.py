@@ -1,17 +1,12 @@
 """Prometheus face of the trainer: contract names, bounded labels, its own registry, a real HTTP scrape."""
-import socket
 import urllib.request
 
 import pytest
+
+from helpers import free_port
 from prometheus_client.parser import text_string_to_metric_families
 
 from pgrpo.metrics import GAUGES, PHASES, Metrics, progress_line, timing_line
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 ROW = {"step": 3, "reward_mean": 1.25, "hack_rate": 0.5, "pass_rate": 0.25, "tokens_generated": 321,
@@ -22,7 +17,7 @@ ROW = {"step": 3, "reward_mean": 1.25, "hack_rate": 0.5, "pass_rate": 0.25, "tok
 
 
 def test_scrape_exposes_contract_names_and_values():
-    port = _free_port()
+    port = free_port()
     m = Metrics("runA", "projected", 7, port=port, addr="127.0.0.1")
     try:
         m.observe_step(ROW)

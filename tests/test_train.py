@@ -12,7 +12,6 @@ import os
 import queue
 import re
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -20,6 +19,8 @@ import time
 import urllib.request
 
 import pytest
+
+from helpers import free_port
 import torch
 
 from pgrpo import checkpoint as ckpt
@@ -78,12 +79,6 @@ class Trainer:
         return "\n".join(self.lines)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _sample(text, name, **labels):
     """The value of one sample of a scraped /metrics page (labels run/arm/seed are matched loosely)."""
     from prometheus_client.parser import text_string_to_metric_families
@@ -105,7 +100,7 @@ def _read_rows(run_dir):
 def fast_dev_run(tmp_path_factory):
     """The uninterrupted reference run: the fast-dev-run preset exactly as `make fast-dev-run` runs it."""
     run_dir = str(tmp_path_factory.mktemp("fdr") / "run")
-    port = _free_port()
+    port = free_port()
     t = Trainer("--config", FDR, "--out", run_dir, "--metrics-port", str(port), "--metrics-linger", "60")
     t.wait_for(r"^metrics: serving the final values", timeout=400)
     wall = time.time() - t.t0
