@@ -203,6 +203,19 @@ def resolve_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
+def resolve_device_dtype(cfg) -> tuple[str, str]:
+    """auto device = cuda if available; auto dtype = bfloat16 on cuda, float32 on cpu."""
+    device = cfg.device
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("config key device asks for cuda, but no CUDA device is available.")
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, dtype
+
+
 def load_model(name_or_path: str = "tiny", dtype="float32", device="cpu", seed: int = 0):
     """(model, tokenizer): "tiny" builds the embedded model; anything else is a HF name or local path.
 

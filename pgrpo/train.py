@@ -26,25 +26,14 @@ from pgrpo import checkpoint as ckpt
 from pgrpo import config as C
 from pgrpo import grpo, rollout
 from pgrpo.errors import UserError
+from pgrpo.grader.client import GraderLink
 from pgrpo.metrics import JsonlLog, Metrics, progress_line, timing_line
+from pgrpo.model import resolve_device_dtype
 
 LABELS = ("correct", "correct_attempted_hack", "reward_hack", "attempted_hack", "incorrect")
 
 
 # ----------------------------------------------------------------------------- helpers
-
-def resolve_device_dtype(cfg) -> tuple[str, str]:
-    """auto device = cuda if available; auto dtype = bfloat16 on cuda, float32 on cpu."""
-    device = cfg.device
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("config key device asks for cuda, but no CUDA device is available.")
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.startswith("cuda") else "float32"
-    return device, dtype
-
 
 def data_order(n_problems: int, prompts_per_step: int, steps: int, seed: int) -> np.ndarray:
     """Problem indices for the whole run: one seeded permutation per epoch, concatenated."""
@@ -54,82 +43,6 @@ def data_order(n_problems: int, prompts_per_step: int, steps: int, seed: int) ->
         chunks.append(np.random.default_rng([seed, epoch]).permutation(n_problems))
         epoch += 1
     return np.concatenate(chunks)[:need].astype(np.int64)
-
-
-class GraderLink:
-    """The trainer's side of the grader: a client on `grader_socket`, or a LocalGrader child process this run
-    owns (started here, stopped on exit). A failed request is retried with backoff; a local grader that died is
-    restarted first, so a crash of the sandbox service costs a retry, not the run. Every attempt is counted in
-    pgrpo_grader_requests_total{outcome=ok|error|retry|timeout}."""
-
-    RETRIES = 4
-
-    def __init__(self, cfg, metrics: Metrics):
-        from pgrpo.grader.client import LocalGrader
-        self.metrics, self.local = metrics, None
-        self.grade_config = {"time_limit": cfg.grader_time_limit_s}
-        # a whole request (G x prompts completions over `workers` sandboxes) may take many time limits
-        self.timeout = max(120.0, 2 * cfg.grader_time_limit_s * cfg.data.prompts_per_step * cfg.rollout.group_size)
-        self.socket_path = cfg.grader_socket
-        if cfg.grader_socket is None:
-            self.local = LocalGrader(workers=cfg.grader_workers, time_limit=cfg.grader_time_limit_s)
-            self.local.start()
-            self.socket_path = self.local.socket_path
-        self.client = self._client()
-        self._wait_healthy()
-
-    def _wait_healthy(self, wait_s: float = 120.0):
-        """A sidecar grader may still be starting (compose starts both at once): poll its health for a while."""
-        from pgrpo.grader.client import GraderError
-        deadline, said = time.monotonic() + wait_s, False
-        while True:
-            try:
-                return self.client.health()
-            except GraderError as e:
-                if time.monotonic() > deadline:
-                    raise UserError(f"no healthy grader at {self.socket_path} after {wait_s:g}s ({e}); "
-                                    f"start one with `pgrpo grader serve --socket {self.socket_path}` "
-                                    f"or leave grader_socket unset for a local one.") from None
-                if not said:
-                    print(f"grader: waiting for {self.socket_path} ...", flush=True)
-                    said = True
-                time.sleep(1.0)
-
-    def _client(self):
-        from pgrpo.grader.client import GraderClient
-        return GraderClient(self.socket_path, timeout=self.timeout, retries=0)  # retries happen here, counted
-
-    @property
-    def pid(self):
-        return self.local.proc.pid if self.local is not None and self.local.proc is not None else None
-
-    def grade(self, items: list[dict]) -> list[dict]:
-        from pgrpo.grader.client import GraderError
-        for attempt in range(self.RETRIES + 1):
-            timeouts = self.client.stats["timeout"]
-            try:
-                results = self.client.grade(items, config=self.grade_config)
-                self.metrics.grader_request("ok")
-                return results
-            except GraderError as e:
-                self.metrics.grader_request("timeout" if self.client.stats["timeout"] > timeouts else "error")
-                if attempt == self.RETRIES:
-                    raise UserError(f"the grader failed {self.RETRIES + 1} times in a row ({e}); giving up.") from None
-                self.metrics.grader_request("retry")
-                print(f"grader: request failed ({e}); retrying", flush=True)
-                if self.local is not None and not self.local.alive():
-                    self.local.restart()
-                    self.client = self._client()
-                    print(f"grader: restarted local grader (pid {self.pid})", flush=True)
-                else:
-                    time.sleep(min(2 ** attempt, 10))
-                    if self.local is None:   # a sidecar that went down comes back through its restart policy
-                        self._wait_healthy()
-
-    def close(self):
-        if self.local is not None:
-            self.local.__exit__(None, None, None)
-            self.local = None
 
 
 def _sigterm(signum, frame):
@@ -241,7 +154,9 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
     grader, finished = None, False
     old_handler = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
     try:
-        grader = GraderLink(cfg, metrics)
+        grader = GraderLink(cfg.grader_socket, workers=cfg.grader_workers, time_limit=cfg.grader_time_limit_s,
+                            request_items=cfg.data.prompts_per_step * cfg.rollout.group_size,
+                            on_outcome=metrics.grader_request)
         if grader.pid is not None:
             print(f"grader: local grader pid {grader.pid}", flush=True)
 

@@ -32,6 +32,7 @@ import torch
 
 from pgrpo import ops
 from pgrpo.errors import UserError
+from pgrpo.model import resolve_device_dtype
 
 # ----------------------------------------------------------------------------- gradients per completion
 
@@ -544,12 +545,6 @@ def report_path(out) -> str:
     out = os.fspath(out)
     base = out[: -len(".safetensors")] if out.endswith(".safetensors") else out
     return base + ".report.json"
-
-
-def resolve_device_dtype(cfg) -> tuple[str, str]:
-    """The trainer's rule (one definition, in pgrpo.train), so v_hack is extracted where training runs."""
-    from pgrpo.train import resolve_device_dtype as resolve
-    return resolve(cfg)
 
 
 def config_hash(cfg) -> str:

@@ -521,12 +521,13 @@ def test_held_out_eval_rows_never_train_on_eval_problems(tmp_path, monkeypatch):
     from pgrpo import train as T
     from pgrpo.data.problems import builtin_problems
     graded = []
-    real = T.GraderLink.grade
+    from pgrpo.grader.client import GraderLink
+    real = GraderLink.grade
 
     def spy(self, items):
         graded.append([it["problem"]["id"] for it in items])
         return real(self, items)
-    monkeypatch.setattr(T.GraderLink, "grade", spy)
+    monkeypatch.setattr(GraderLink, "grade", spy)
     cfg = C.load(FDR, ["steps=2", "data.prompts_per_step=2", "rollout.max_new_tokens=8", "checkpoint_every=0",
                        "data.eval_problems=3", "data.eval_every=1", "data.eval_samples=2"])
     run = str(tmp_path / "run")

@@ -203,3 +203,76 @@ class LocalGrader:
             self._tmp = None
             self.socket_path = None
         return False
+
+
+class GraderLink:
+    """The trainer's side of the grader: a client on `socket_path` (a sidecar), or a LocalGrader child process
+    this link owns (started here, stopped by `close()`). A failed request is retried with backoff; a local grader
+    that died is restarted first, so a crash of the sandbox service costs a retry, not the run. Every attempt is
+    reported to `on_outcome(ok|error|retry|timeout)` (the trainer counts them in pgrpo_grader_requests_total)."""
+
+    RETRIES = 4
+
+    def __init__(self, socket_path=None, workers=2, time_limit=5.0, request_items=1, on_outcome=None):
+        self.on_outcome = on_outcome or (lambda outcome: None)
+        self.local = None
+        self.grade_config = {"time_limit": time_limit}
+        # a whole request (request_items completions over `workers` sandboxes) may take many time limits
+        self.timeout = max(120.0, 2 * time_limit * request_items)
+        self.socket_path = socket_path
+        if socket_path is None:
+            self.local = LocalGrader(workers=workers, time_limit=time_limit)
+            self.local.start()
+            self.socket_path = self.local.socket_path
+        self.client = self._client()
+        self._wait_healthy()
+
+    def _wait_healthy(self, wait_s: float = 120.0):
+        """A sidecar grader may still be starting (compose starts both at once): poll its health for a while."""
+        deadline, said = time.monotonic() + wait_s, False
+        while True:
+            try:
+                return self.client.health()
+            except GraderError as e:
+                if time.monotonic() > deadline:
+                    raise UserError(f"no healthy grader at {self.socket_path} after {wait_s:g}s ({e}); "
+                                    f"start one with `pgrpo grader serve --socket {self.socket_path}` "
+                                    f"or leave grader_socket unset for a local one.") from None
+                if not said:
+                    print(f"grader: waiting for {self.socket_path} ...", flush=True)
+                    said = True
+                time.sleep(1.0)
+
+    def _client(self):
+        return GraderClient(self.socket_path, timeout=self.timeout, retries=0)  # retries happen here, counted
+
+    @property
+    def pid(self):
+        return self.local.proc.pid if self.local is not None and self.local.proc is not None else None
+
+    def grade(self, items):
+        for attempt in range(self.RETRIES + 1):
+            timeouts = self.client.stats["timeout"]
+            try:
+                results = self.client.grade(items, config=self.grade_config)
+                self.on_outcome("ok")
+                return results
+            except GraderError as e:
+                self.on_outcome("timeout" if self.client.stats["timeout"] > timeouts else "error")
+                if attempt == self.RETRIES:
+                    raise UserError(f"the grader failed {self.RETRIES + 1} times in a row ({e}); giving up.") from None
+                self.on_outcome("retry")
+                print(f"grader: request failed ({e}); retrying", flush=True)
+                if self.local is not None and not self.local.alive():
+                    self.local.restart()
+                    self.client = self._client()
+                    print(f"grader: restarted local grader (pid {self.pid})", flush=True)
+                else:
+                    time.sleep(min(2 ** attempt, 10))
+                    if self.local is None:   # a sidecar that went down comes back through its restart policy
+                        self._wait_healthy()
+
+    def close(self):
+        if self.local is not None:
+            self.local.__exit__(None, None, None)
+            self.local = None
