@@ -24,6 +24,23 @@ grad mode off), so a view into a preallocated stack receives the gradient withou
 ``collect_grad`` checks that every weight's grad still points into its stack (data_ptr) and copies
 any that do not (someone replaced ``.grad``), so it is correct either way.
 
+bf16 fidelity (docs/training.md, "bf16 fidelity of the merged path"):
+- The G_W stacks are in the model dtype, so summing many micro-batch gradients into them would round in
+  bf16 at every add. ``accumulate_grad()`` (the trainer calls it after each group) turns the stacks into
+  delta_S gradients with one basis change into an fp32 [R] accumulator and zeroes them, so at most one
+  group's micro-batches are ever summed in bf16; ``collect_grad`` adds what is left. The accumulator costs
+  4 bytes per knob (2 MB at Qwen3-4B) where fp32 stacks would cost 14.5 GB.
+- ``merge()`` forms W0 + U diag(knob) Vh in fp32, a few modules at a time (bounded scratch), and rounds to
+  the model dtype ONCE. W0 is exactly representable, so with round-to-nearest a knob update whose weight
+  change is under half an ulp of W0 would vanish from the forward (the fp32 knob keeps it, the model does
+  not see it). The factored path loses the same updates in bf16 (its correction is added to the bf16
+  x W0^T), and tests/test_bf16_fidelity.py measures merged round-to-nearest (the default) as faithful to an
+  fp32 run as factored bf16. ``merge_rounding="stochastic"`` (bf16 only) rounds up or down with probability
+  proportional to the distance, so W_eff equals W0 + U diag(knob) Vh in expectation (an unbiased
+  compensation, noisier per merge); its random bits are seeded from the knob's bytes, so a merge is a pure
+  function of the knob (bitwise resume holds). Every merge records ``merge_stats`` (fraction of weights
+  changed, lost fraction of the update's norm, fraction of entries under half an ulp).
+
 Route arm: ``with_hack_knob=True`` adds a second knob ``delta_hack`` with the same layout;
 while ``hack_enabled`` the model uses delta + delta_hack. Both knobs then see the same gradient
 (d loss/d delta == d loss/d delta_hack), which ``collect_grad`` returns (and assigns to both).
@@ -33,10 +50,12 @@ from __future__ import annotations
 import contextlib
 import fnmatch
 import hashlib
+import math
 import os
 import re
 import tempfile
 import warnings
+import zlib
 from dataclasses import dataclass, field
 
 import torch
@@ -47,6 +66,8 @@ from pgrpo import ops
 from pgrpo.errors import UserError
 
 DEFAULT_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MERGE_ROUNDINGS = ("nearest", "stochastic")
+MERGE_SCRATCH_BYTES = 256 << 20   # fp32 scratch per merge chunk (a few Qwen3-4B modules at a time)
 _LAYER_RE = re.compile(r"(?:^|\.)layers\.(\d+)\.")
 
 
@@ -95,6 +116,25 @@ def thin_svd(W: torch.Tensor, cache_dir: str | None = None, stats: dict | None =
             if os.path.exists(tmp):
                 os.unlink(tmp)
     return U, Vh
+
+
+# ----------------------------------------------------------------------------- rounding
+
+def _stochastic_round_bf16(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """fp32 -> bf16, rounding each value up or down with probability proportional to its distance
+    (unbiased: E[round(x)] = x). bf16 is the top 16 bits of fp32, so adding uniform 16-bit noise to the low
+    half of the bits and truncating rounds the magnitude up with exactly that probability, for either sign."""
+    bits = x.contiguous().view(torch.int32)
+    noise = torch.randint(0, 1 << 16, x.shape, generator=gen, device=x.device, dtype=torch.int32)
+    out = (bits + noise) & -65536                           # clear the low 16 bits (0xFFFF0000)
+    finite = torch.isfinite(x)                              # never carry inf/nan bits across the exponent
+    return torch.where(finite, out.view(torch.float32), x).to(torch.bfloat16)
+
+
+def _ulp(W: torch.Tensor) -> torch.Tensor:
+    """Spacing of W's floating-point grid at each entry (in fp32): what one step up from |W| adds."""
+    a = W.abs()
+    return torch.nextafter(a, torch.full_like(a, float("inf"))).float() - a.float()
 
 
 # ----------------------------------------------------------------------------- selection
@@ -176,10 +216,13 @@ class SVDAdapter:
     """
 
     def __init__(self, model: nn.Module, targets=DEFAULT_TARGETS, layers=None, mode: str = "merged",
-                 cache_dir: str | None = None, with_hack_knob: bool = False):
+                 cache_dir: str | None = None, with_hack_knob: bool = False, merge_rounding: str = "nearest"):
         if mode not in ("merged", "factored"):
             raise UserError(f"Adapter mode must be 'merged' or 'factored', not {mode!r}.")
-        self.model, self.mode = model, mode
+        if merge_rounding not in MERGE_ROUNDINGS:
+            raise UserError(f"Adapter merge_rounding must be one of {', '.join(MERGE_ROUNDINGS)}, not {merge_rounding!r}.")
+        self.model, self.mode, self.merge_rounding = model, mode, merge_rounding
+        self.merge_stats: dict = {}
         for p in model.parameters():
             p.requires_grad_(False)
         found = select_linears(model, targets, layers)
@@ -220,6 +263,7 @@ class SVDAdapter:
         self.delta_hack = (nn.Parameter(torch.zeros(R, dtype=torch.float32, device=dev))
                            if with_hack_knob else None)
         self._hack_enabled = with_hack_knob
+        self._gacc = None   # fp32 [R] delta_S-gradient accumulator (merged mode), see accumulate_grad
         self._disabled = False
         self._hooks = []
         if mode == "factored":
@@ -314,27 +358,64 @@ class SVDAdapter:
                                        "(model.to()?); move it with adapter.to(device) instead.")
 
     @torch.no_grad()
-    def merge(self):
-        """W_eff = W0 + U diag(knob) Vh for every module, one baddbmm per shape group.
+    def merge(self) -> dict:
+        """W_eff = W0 + U diag(knob) Vh for every module, in fp32, rounded to the model dtype once.
 
-        A group whose knob block is all zero gets W0 copied, so delta = 0 reproduces the base
-        weights bit for bit. The rank-r product scales the smaller of U / Vh.
+        A group whose knob block is all zero gets W0 copied, so delta = 0 reproduces the base weights bit
+        for bit. The fp32 product is formed a few modules at a time (at most MERGE_SCRATCH_BYTES of scratch)
+        with one baddbmm each, scaling the smaller of U / Vh. Low-precision models round stochastically
+        (``merge_rounding``, see the module docstring) or to nearest. Returns (and keeps in
+        ``merge_stats``) the measured rounding: ``changed_frac`` (weights that differ from W0),
+        ``lost_frac`` = ||W_eff - W0 - U diag(knob) Vh|| / ||U diag(knob) Vh|| (1.0 = the forward sees none
+        of the update, 0.0 = all of it), and ``sub_half_ulp_frac`` (entries whose update is below half an
+        ulp of W0: round-to-nearest drops exactly these).
         """
         if self.mode != "merged":
-            return
+            return {}
         self._check_linked()
         knob = self.knob().detach()
+        low = self.dtype in (torch.bfloat16, torch.float16)
+        stochastic = low and self.merge_rounding == "stochastic" and self.dtype == torch.bfloat16
+        gen = None
+        if stochastic:  # the random bits are a pure function of the knob: a resumed run re-merges identically
+            seed = zlib.crc32(knob.float().cpu().numpy().tobytes())
+            gen = torch.Generator(device=knob.device).manual_seed(seed)
+        n_all = changed = sub = 0
+        err2 = upd2 = 0.0
         for g in self.groups:
             dS = knob[g.start:g.start + g.L * g.r].view(g.L, g.r)
             if not bool(dS.any()):
                 g.W.copy_(g.W0)
+                n_all += g.W.numel()
                 continue
-            dS = dS.to(self.dtype)
             o, i = g.shape
-            if o <= i:
-                torch.baddbmm(g.W0, g.U * dS[:, None, :], g.Vh, out=g.W)
-            else:
-                torch.baddbmm(g.W0, g.U, g.Vh * dS[:, :, None], out=g.W)
+            step = max(1, MERGE_SCRATCH_BYTES // (4 * o * i))
+            for a in range(0, g.L, step):
+                b = min(g.L, a + step)
+                W0, U, Vh, d = g.W0[a:b], g.U[a:b].float(), g.Vh[a:b].float(), dS[a:b].float()
+                D = torch.bmm(U * d[:, None, :], Vh) if o <= i else torch.bmm(U, Vh * d[:, :, None])
+                exact = W0.float() + D
+                if stochastic:
+                    W = _stochastic_round_bf16(exact, gen)
+                else:
+                    W = exact.to(self.dtype)
+                g.W[a:b].copy_(W)
+                if low:  # measure what the rounding did (cheap next to the merge GEMM)
+                    got = W.float() - W0.float()
+                    changed += int((got != 0).sum())
+                    ulp = _ulp(W0)
+                    sub += int((D.abs() < 0.5 * ulp).sum())
+                    err2 += float((got - D).double().pow(2).sum())
+                    upd2 += float(D.double().pow(2).sum())
+                else:
+                    changed += int((W != W0).sum())
+                n_all += W0.numel()
+        stats = {"merge_changed_frac": changed / max(1, n_all)}
+        if low:
+            stats["merge_lost_frac"] = math.sqrt(err2 / upd2) if upd2 > 0 else 0.0
+            stats["merge_sub_half_ulp_frac"] = sub / max(1, n_all)
+        self.merge_stats = stats
+        return stats
 
     @contextlib.contextmanager
     def disabled(self):
@@ -358,9 +439,11 @@ class SVDAdapter:
 
     # ------------------------------------------------------------------ gradients
     def zero_grad(self):
-        """Clear the knob grads and (merged) zero the grad stacks, re-pointing weight grads at them."""
+        """Clear the knob grads and (merged) zero the grad stacks and the fp32 accumulator, re-pointing
+        weight grads at the stacks."""
         for p in self.parameters():
             p.grad = None
+        self._gacc = None
         if self.mode == "merged":
             for g in self.groups:
                 g.G.zero_()
@@ -369,13 +452,41 @@ class SVDAdapter:
                     if gr is None or gr.data_ptr() != g.G[j].data_ptr():
                         lin.weight.grad = g.G[j]
 
+    def _stacks_to_basis(self, out: torch.Tensor, add: bool):
+        """out[R] (+)= basis_change of every grad stack (fp32); grads someone replaced are copied back in."""
+        for grp in self.groups:
+            for j, lin in enumerate(grp.linears):
+                gr = lin.weight.grad
+                if gr is None:
+                    grp.G[j].zero_()
+                elif gr.data_ptr() != grp.G[j].data_ptr():
+                    grp.G[j].copy_(gr)
+                    lin.weight.grad = grp.G[j]
+            gl = ops.basis_change(grp.G, grp.U, grp.Vh).reshape(-1)  # [L*r] fp32
+            dst = out[grp.start:grp.start + grp.L * grp.r]
+            dst.add_(gl) if add else dst.copy_(gl)
+
+    @torch.no_grad()
+    def accumulate_grad(self):
+        """Merged mode: fold the G_W stacks accumulated so far into the fp32 delta_S-gradient accumulator and
+        zero the stacks, so bf16 stacks never sum more than one group's micro-batches (call after each group's
+        backward; factored mode: a no-op, autograd already accumulates delta.grad in fp32)."""
+        if self.mode != "merged":
+            return
+        self._check_linked()
+        if self._gacc is None:
+            self._gacc = torch.zeros(self.R, dtype=torch.float32, device=self.device)
+        self._stacks_to_basis(self._gacc, add=True)
+        for grp in self.groups:
+            grp.G.zero_()
+
     def collect_grad(self) -> torch.Tensor:
         """d loss / d delta as a flat fp32 [R] tensor, after backward. The returned tensor IS delta.grad,
         so in-place edits (projection, clipping) are what the optimizer sees.
 
-        Merged: one ``ops.basis_change`` per shape group on the accumulated G_W stacks. Factored:
-        autograd's delta.grad. With the hack knob enabled the same gradient is the gradient of
-        delta_hack too, and is assigned to delta_hack.grad (a copy).
+        Merged: the fp32 accumulator (``accumulate_grad``) plus one ``ops.basis_change`` per shape group on
+        what the G_W stacks hold since. Factored: autograd's delta.grad. With the hack knob enabled the same
+        gradient is the gradient of delta_hack too, and is assigned to delta_hack.grad (a copy).
         """
         if self.mode == "factored":
             g = self.delta.grad
@@ -383,20 +494,22 @@ class SVDAdapter:
         else:
             self._check_linked()
             flat = torch.empty(self.R, dtype=torch.float32, device=self.device)
-            for grp in self.groups:
-                for j, lin in enumerate(grp.linears):  # grads that were replaced: copy back in
-                    gr = lin.weight.grad
-                    if gr is None:
-                        grp.G[j].zero_()
-                    elif gr.data_ptr() != grp.G[j].data_ptr():
-                        grp.G[j].copy_(gr)
-                        lin.weight.grad = grp.G[j]
-                gl = ops.basis_change(grp.G, grp.U, grp.Vh)  # [L, r] fp32
-                flat[grp.start:grp.start + grp.L * grp.r].copy_(gl.reshape(-1))
+            with torch.no_grad():
+                self._stacks_to_basis(flat, add=False)
+                if self._gacc is not None:
+                    flat.add_(self._gacc)
         self.delta.grad = flat
         if self.delta_hack is not None:
             self.delta_hack.grad = flat.clone() if self._hack_enabled else None
         return flat
+
+    def merged_weights(self):
+        """(module name, W_eff view) for every adapted Linear: what a separate inference engine must copy
+        after each merge to generate with the current policy (see rollout.GenerationBackend.sync_weights)."""
+        for g in self.groups:
+            for j, m in enumerate(g.idx):
+                yield self.names[m], (g.W0[j] if self._disabled else g.W[j]) if self.mode == "merged" \
+                    else self._linears[m].weight
 
     # ------------------------------------------------------------------ state
     def knob_state_dict(self, hack: bool = False) -> dict[str, torch.Tensor]:
@@ -434,6 +547,8 @@ class SVDAdapter:
             p.data = p.data.to(device)
             if p.grad is not None:
                 p.grad = p.grad.to(device)
+        if self._gacc is not None:
+            self._gacc = self._gacc.to(device)
         for g in self.groups:
             for attr in ("U", "Vh", "W0", "W", "G"):
                 t = getattr(g, attr)

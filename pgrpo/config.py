@@ -40,6 +40,7 @@ class AdapterConfig:
     layers: Optional[list[int]] = None  # None = every layer; else explicit layer indices
     mode: str = "merged"               # merged (fast path) | factored (reference semantics)
     svd_cache_dir: Optional[str] = ".cache/svd"  # thin SVDs of W0 cached by hash; None = no cache
+    merge_rounding: str = "nearest"    # bf16 W_eff from the fp32 merge: nearest | stochastic (unbiased)
 
 
 @dataclass
@@ -272,6 +273,7 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     if not cfg.adapter.targets:
         bad("adapter.targets", "must list at least one module name")
     choice("adapter.mode", cfg.adapter.mode, ADAPTER_MODES)
+    choice("adapter.merge_rounding", cfg.adapter.merge_rounding, ("nearest", "stochastic"))
     if cfg.adapter.layers is not None:
         if not cfg.adapter.layers:
             bad("adapter.layers", "must be null (all layers) or a non-empty list of layer indices")

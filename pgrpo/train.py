@@ -99,7 +99,7 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
     model, tok = load_model(cfg.model.name, dtype=dtype, device=device, seed=cfg.seed)
     adapter = SVDAdapter(model, targets=tuple(cfg.adapter.targets), layers=cfg.adapter.layers,
                          mode=cfg.adapter.mode, cache_dir=cfg.adapter.svd_cache_dir,
-                         with_hack_knob=cfg.arm.name == "route")
+                         with_hack_knob=cfg.arm.name == "route", merge_rounding=cfg.adapter.merge_rounding)
     g = cfg.grpo
     opt = torch.optim.AdamW(adapter.parameters(), lr=g.lr, betas=tuple(g.betas), eps=g.eps, weight_decay=g.weight_decay)
     g_offsets = grpo.g_offsets_of(adapter)
@@ -246,6 +246,7 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
                     kl_total += st["kl_sum"]
                     clipped += st["clip_frac"]
                     n_scored += int(cmask.sum())
+                adapter.accumulate_grad()   # bf16 G_W stacks -> fp32 delta_S grad once per group
             timing["fwd_bwd"] = time.perf_counter() - t0
 
             # ---- gradient in the SVD basis, then the arm (vanilla / projected / route)
@@ -258,7 +259,7 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             t0 = time.perf_counter()
             ustats = grpo.apply_update(adapter, opt, grad, grad_hack, cfg.arm, packed, g_offsets, g.max_grad_norm)
             adapter.zero_grad()
-            adapter.merge()
+            ustats.update(adapter.merge())   # merge_changed_frac / merge_lost_frac: W_eff rounding, measured
             timing["optim"] = time.perf_counter() - t0
 
             # ---- optional v_hack refresh at the current knobs (quarantine knob off during extraction)
