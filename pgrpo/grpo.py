@@ -38,14 +38,108 @@ def group_advantages(rewards: torch.Tensor, std_scale: bool = False, eps: float 
 
 # ----------------------------------------------------------------------------- log-probs
 
-def completion_logprobs(model, input_ids: torch.Tensor, attn_mask: torch.Tensor, completion_mask: torch.Tensor):
+LOGPROB_CHUNK_BYTES = 256 << 20   # fp32 logits per chunk of the chunked log-prob (~440 tokens at a 151k vocab)
+
+
+def completion_logprobs(model, input_ids: torch.Tensor, attn_mask: torch.Tensor, completion_mask: torch.Tensor,
+                        temperature: float = 1.0):
     """Per-token log p(token | prefix) for the completion tokens; 0 elsewhere. All inputs [B, T].
 
     `completion_mask[b, t] = 1` marks token t of row b as a scored completion token (prompt and padding 0).
-    Only the logits from the first completion position on are materialised (`logits_to_keep`), which matters
-    with a 150k vocabulary and long prompts; log-softmax runs in fp32. Position ids follow the attention mask,
-    so left- and right-padded batches both work. use_cache=False: nothing is reused across forwards here.
+    `temperature` divides the logits before the log-softmax (score the policy that sampled at that
+    temperature). Position ids follow the attention mask, so left- and right-padded batches both work;
+    use_cache=False: nothing is reused across forwards here.
+
+    Memory: full-vocabulary fp32 logits are never materialised for the batch. The decoder's last hidden
+    states are gathered at the scored positions only, and `_TokenLogprob` turns them into log-probs a chunk
+    of tokens at a time (at most LOGPROB_CHUNK_BYTES of fp32 logits live at once, in forward and backward,
+    which recomputes each chunk's logits instead of saving them). Models whose logits are not a plain
+    ``lm_head(hidden)`` (soft-capping, a logit scale, a hooked head) take `completion_logprobs_full`.
     """
+    B, T = input_ids.shape
+    cm = completion_mask.bool().clone()
+    cm[:, 0] = False  # token 0 has no prefix to predict it
+    if not cm.any():
+        return torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)
+    head = _plain_head(model)
+    if head is None:
+        return completion_logprobs_full(model, input_ids, attn_mask, completion_mask, temperature)
+    pos = (attn_mask.long().cumsum(dim=1) - 1).clamp_min(0)
+    decoder = getattr(model, model.base_model_prefix)
+    hidden = decoder(input_ids=input_ids, attention_mask=attn_mask, position_ids=pos, use_cache=False).last_hidden_state
+    rows, cols = cm.nonzero(as_tuple=True)                    # scored token (b, t) is predicted at (b, t - 1)
+    h = hidden[rows, cols - 1]                                # [N, d]
+    chunk = max(1, LOGPROB_CHUNK_BYTES // (4 * head.weight.shape[0]))
+    logp = _TokenLogprob.apply(h, head.weight, input_ids[rows, cols], float(temperature), chunk)
+    full = torch.zeros(B, T, dtype=logp.dtype, device=logp.device)
+    return full.index_put((rows, cols), logp)
+
+
+def _plain_head(model):
+    """The output Linear when logits = hidden @ W^T exactly (no bias, hook, soft-cap or scale), else None."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    decoder = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    cfg = getattr(model, "config", None)
+    if (head is None or decoder is None or decoder is model or getattr(head, "bias", None) is not None
+            or head._forward_hooks or head._forward_pre_hooks
+            or any(getattr(cfg, k, None) not in (None, 1.0) for k in ("final_logit_softcapping", "logit_scale"))):
+        return None
+    return head
+
+
+class _TokenLogprob(torch.autograd.Function):
+    """log_softmax(h W^T / temperature)[target] per row of h [N, d], a chunk of rows at a time.
+
+    The logits are formed in the model dtype (as the lm_head Linear would) and upcast to fp32 for the
+    log-softmax, exactly like `completion_logprobs_full`; backward recomputes each chunk's logits and
+    returns the same gradients (d logp / d logits = (onehot - softmax) / temperature) without ever
+    holding more than one chunk of fp32 logits."""
+
+    @staticmethod
+    def forward(ctx, h, W, targets, temperature, chunk):
+        N = h.shape[0]
+        out = torch.empty(N, dtype=torch.float32, device=h.device)
+        lse = torch.empty(N, dtype=torch.float32, device=h.device)
+        for a in range(0, N, chunk):
+            b = min(N, a + chunk)
+            z = (h[a:b] @ W.T).float()
+            if temperature != 1.0:
+                z = z / temperature
+            lse[a:b] = torch.logsumexp(z, dim=-1)
+            out[a:b] = z.gather(1, targets[a:b, None]).squeeze(1) - lse[a:b]
+        ctx.save_for_backward(h, W, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        h, W, targets, lse = ctx.saved_tensors
+        T, chunk, N = ctx.temperature, ctx.chunk, h.shape[0]
+        gh = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        gW = torch.zeros(W.shape, dtype=torch.float32, device=W.device) if ctx.needs_input_grad[1] else None
+        for a in range(0, N, chunk):
+            b = min(N, a + chunk)
+            z = (h[a:b] @ W.T).float()
+            if T != 1.0:
+                z = z / T
+            g = grad_out[a:b].float()
+            dz = torch.exp(z - lse[a:b, None]).mul_(-g[:, None])             # -g * softmax
+            dz.scatter_add_(1, targets[a:b, None], g[:, None])               # + g * onehot
+            if T != 1.0:
+                dz = dz / T
+            dz = dz.to(h.dtype)
+            if gh is not None:
+                gh[a:b] = dz @ W
+            if gW is not None:
+                gW += (dz.T @ h[a:b]).float()
+        return gh, (gW.to(W.dtype) if gW is not None else None), None, None, None
+
+
+def completion_logprobs_full(model, input_ids, attn_mask, completion_mask, temperature: float = 1.0):
+    """The plain formulation (reference in tests, fallback for heads `_plain_head` refuses): the model's
+    logits from the first completion position on (`logits_to_keep`), fp32 log-softmax over the whole
+    vocabulary for every row and position. Memory: [B, T_completion, V] fp32, ~5.6 GB for 6 x 1536 tokens
+    at a 151k vocabulary."""
     B, T = input_ids.shape
     cm = completion_mask.bool()
     if not cm.any():
@@ -57,6 +151,8 @@ def completion_logprobs(model, input_ids: torch.Tensor, attn_mask: torch.Tensor,
     out = model(input_ids=input_ids, attention_mask=attn_mask, position_ids=pos, use_cache=False,
                 logits_to_keep=T - first + 1)
     logits = out.logits[:, :-1].float()                      # positions first-1 .. T-2 -> tokens first .. T-1
+    if temperature != 1.0:
+        logits = logits / temperature
     targets = input_ids[:, first:]
     logp = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
     full = torch.zeros(B, T, dtype=logp.dtype, device=logp.device)
@@ -64,9 +160,9 @@ def completion_logprobs(model, input_ids: torch.Tensor, attn_mask: torch.Tensor,
     return full * cm
 
 
-def completion_nll(model, input_ids, attn_mask, completion_mask):
+def completion_nll(model, input_ids, attn_mask, completion_mask, temperature: float = 1.0):
     """Mean token NLL of each row's completion, [B] (differentiable). Rows without completion tokens give 0."""
-    logp = completion_logprobs(model, input_ids, attn_mask, completion_mask)
+    logp = completion_logprobs(model, input_ids, attn_mask, completion_mask, temperature)
     n = completion_mask.float().sum(dim=1).clamp_min(1)
     return -(logp.sum(dim=1) / n)
 
