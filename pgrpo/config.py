@@ -60,7 +60,8 @@ class RolloutConfig:
     max_new_tokens: int = 64
     temperature: float = 1.0           # 0 = greedy
     top_p: float = 1.0
-    groups_per_generate: int = 4       # groups batched into one generate() call
+    groups_per_generate: int = 4       # most groups per generate() call (fewer if memory binds); 0 = no cap
+    compile: bool = False              # static KV cache + torch.compile of the decode step (HF auto-compile)
     enable_thinking: bool = False      # Qwen3 chat template's thinking mode (False = the empty <think> block)
 
 
@@ -78,7 +79,7 @@ class GRPOConfig:
     std_scale_adv: bool = False        # divide advantages by the group std (GRPO original) or not (Dr. GRPO)
     loss_norm: str = "constant"        # constant: sum / (prompts * G * max_new_tokens); token: sum / #tokens
     max_grad_norm: float = 1.0         # 0 = no clipping
-    micro_batch: int = 0               # sequences per loss fwd/bwd; 0 = one whole group of G (memory knob)
+    micro_batch: int = 0               # sequences per loss fwd/bwd; 0 = one whole group of G; -1 = from free memory
 
 
 @dataclass
@@ -302,8 +303,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         bad("rollout.temperature", f"must be >= 0 (0 = greedy), got {cfg.rollout.temperature}")
     if not 0 < cfg.rollout.top_p <= 1:
         bad("rollout.top_p", f"must be in (0, 1], got {cfg.rollout.top_p}")
-    if cfg.rollout.groups_per_generate < 1:
-        bad("rollout.groups_per_generate", "must be at least 1")
+    if cfg.rollout.groups_per_generate < 0:
+        bad("rollout.groups_per_generate", "must be >= 0 (0 = as many as memory allows)")
     g = cfg.grpo
     if g.lr <= 0:
         bad("grpo.lr", f"must be > 0, got {g.lr}")
@@ -323,8 +324,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     if g.kl_coef < 0:
         bad("grpo.kl_coef", "must be >= 0")
     choice("grpo.loss_norm", g.loss_norm, LOSS_NORMS)
-    if g.micro_batch < 0:
-        bad("grpo.micro_batch", "must be >= 0 (0 = the whole group)")
+    if g.micro_batch < -1:
+        bad("grpo.micro_batch", "must be >= -1 (0 = the whole group, -1 = chosen from free memory)")
     if g.max_grad_norm < 0:
         bad("grpo.max_grad_norm", "must be >= 0 (0 = no clipping)")
     a = cfg.arm

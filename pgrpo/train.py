@@ -233,7 +233,7 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             for gi, grp in enumerate(groups):
                 if not keep[gi]:
                     continue
-                for ids, attn, cmask, rows_ in rollout.micro_batches(grp, tok.pad_token_id, device, g.micro_batch):
+                for ids, attn, cmask, rows_ in rollout.micro_batches(grp, tok.pad_token_id, device, g.micro_batch, model):
                     ref = None
                     if g.kl_coef > 0:
                         with torch.no_grad(), adapter.disabled():
