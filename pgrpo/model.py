@@ -57,6 +57,48 @@ def build_tiny_model(seed: int = 0, **overrides):
     return model
 
 
+def qwen3_4b_shape_config(scale: int = 1) -> dict:
+    """Qwen3-4B's exact config (pgrpo.memory.QWEN3_4B: hidden 2560, 36 layers, 32 q / 8 kv heads of 128,
+    intermediate 9728, vocab 151936, tied embeddings, rope theta 1e6); scale > 1 divides hidden,
+    intermediate, layers, heads and vocab by `scale` (head_dim stays 128) for a CPU-sized model of the same
+    proportions. The ByteTokenizer's ids (< 260) are a subset of the vocabulary, so it drives the model."""
+    from pgrpo.memory import QWEN3_4B
+    c = dict(QWEN3_4B)
+    if scale > 1:
+        c.update(hidden_size=c["hidden_size"] // scale, intermediate_size=c["intermediate_size"] // scale,
+                 num_hidden_layers=max(2, c["num_hidden_layers"] // scale),
+                 num_attention_heads=max(1, c["num_attention_heads"] // scale),
+                 num_key_value_heads=max(1, c["num_key_value_heads"] // scale),
+                 vocab_size=max(512, c["vocab_size"] // scale), max_window_layers=max(2, c["num_hidden_layers"] // scale))
+    return c
+
+
+def build_qwen3_4b_shape(scale: int = 1, seed: int = 0, dtype=torch.bfloat16, device="cpu"):
+    """A randomly initialised Qwen3ForCausalLM with Qwen3-4B's shapes (no download), built directly on
+    `device` in `dtype` (a 4B model is never materialised in fp32 on the host)."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    tok = ByteTokenizer()
+    kw = qwen3_4b_shape_config(scale)
+    kw.update(bos_token_id=None, eos_token_id=tok.eos_token_ids, pad_token_id=tok.pad_token_id)
+    cfg = Qwen3Config(**kw)
+    cfg._attn_implementation = "sdpa"
+    dev = torch.device(device)
+    prev = torch.get_default_dtype()
+    with torch.random.fork_rng(devices=[dev] if dev.type == "cuda" else []):
+        torch.manual_seed(seed)
+        torch.set_default_dtype(resolve_dtype(dtype))
+        try:
+            with dev:
+                model = Qwen3ForCausalLM(cfg)
+        finally:
+            torch.set_default_dtype(prev)
+    model = model.eval()
+    gc = model.generation_config
+    gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tok.pad_token_id, tok.eos_token_ids, None
+    return model, tok
+
+
 # ----------------------------------------------------------------------------- tokenizers
 
 def _left_pad(seqs: list[list[int]], pad_id: int, max_length: int | None = None):
@@ -217,12 +259,19 @@ def resolve_device_dtype(cfg) -> tuple[str, str]:
 
 
 def load_model(name_or_path: str = "tiny", dtype="float32", device="cpu", seed: int = 0):
-    """(model, tokenizer): "tiny" builds the embedded model; anything else is a HF name or local path.
+    """(model, tokenizer): "tiny" builds the embedded model, "qwen3-4b-shape[/SCALE]" a random model with
+    Qwen3-4B's shapes; anything else is a HF name or local path.
 
     HF models load from a local directory or the HF cache (``make download-model`` warms it); set
     HF_HUB_OFFLINE=1 to forbid network access. The model is returned in eval mode on ``device``.
     """
     dt = resolve_dtype(dtype)
+    if name_or_path == "qwen3-4b-shape" or name_or_path.startswith("qwen3-4b-shape/"):
+        # Qwen3-4B's architecture and shapes, random weights, ByteTokenizer: the GPU check and `bench step`
+        # measure the real job's costs without a download; "qwen3-4b-shape/8" is the same scaled down by 8.
+        scale = int(name_or_path.split("/", 1)[1]) if "/" in name_or_path else 1
+        model, tok = build_qwen3_4b_shape(scale, seed, dt, device)
+        return model.to(device=device, dtype=dt).eval(), tok
     if name_or_path == "tiny":
         model, tok = build_tiny_model(seed=seed), ByteTokenizer()
     elif name_or_path.startswith("tiny:"):

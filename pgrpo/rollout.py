@@ -118,12 +118,14 @@ class HFGenerate(GenerationBackend):
     def __init__(self, model, tok, device, compile: bool = False):
         self.model, self.tok, self.device, self.compile = model, tok, device, compile
         self.calls = 0
+        self.gen_overrides: dict = {}   # extra HF generate kwargs (the benchmark fixes min_new_tokens)
 
     def generate(self, prompts, n, rollout_cfg, groups_per_call_: int | None = None):
         eos_ids = set(self.tok.eos_token_ids)
         kw = _gen_kwargs(self.tok, rollout_cfg)
         if self.compile:
             kw.update(_compile_kwargs(self.device))
+        kw.update(self.gen_overrides)
         step = groups_per_call_ or groups_per_call(self.model, prompts, rollout_cfg, self.device)
         out_ids = []
         for start in range(0, len(prompts), step):
