@@ -137,6 +137,31 @@ def _ulp(W: torch.Tensor) -> torch.Tensor:
     return torch.nextafter(a, torch.full_like(a, float("inf"))).float() - a.float()
 
 
+@torch.no_grad()
+def merge_stack(W0, U, Vh, dS, out, gen: torch.Generator | None = None, acc: dict | None = None):
+    """out[l] = round(W0[l] + U[l] diag(dS[l]) Vh[l]) for a [L, o, i] stack: the product and the sum in fp32, a
+    few modules at a time (MERGE_SCRATCH_BYTES of fp32 scratch), one rounding to out's dtype (stochastic when
+    `gen` is given, bf16 only). With `acc`, the rounding is measured into it (n, changed, sub = entries whose
+    update is under half an ulp, err2 / upd2 = squared norms of the rounding error and of the update)."""
+    L, o, i = W0.shape
+    step = max(1, MERGE_SCRATCH_BYTES // (4 * o * i))
+    for a in range(0, L, step):
+        b = min(L, a + step)
+        w0, u, vh, d = W0[a:b], U[a:b].float(), Vh[a:b].float(), dS[a:b].float()
+        D = torch.bmm(u * d[:, None, :], vh) if o <= i else torch.bmm(u, vh * d[:, :, None])   # scale the smaller
+        exact = w0.float() + D
+        W = _stochastic_round_bf16(exact, gen) if gen is not None else exact.to(out.dtype)
+        out[a:b].copy_(W)
+        if acc is not None:   # what the rounding did (cheap next to the GEMM)
+            got = W.float() - w0.float()
+            acc["n"] += w0.numel()
+            acc["changed"] += int((got != 0).sum())
+            acc["sub"] += int((D.abs() < 0.5 * _ulp(w0)).sum())
+            acc["err2"] += float((got - D).double().pow(2).sum())
+            acc["upd2"] += float(D.double().pow(2).sum())
+    return out
+
+
 # ----------------------------------------------------------------------------- selection
 
 def _layer_index(name: str):
@@ -380,40 +405,17 @@ class SVDAdapter:
         if stochastic:  # the random bits are a pure function of the knob: a resumed run re-merges identically
             seed = zlib.crc32(knob.float().cpu().numpy().tobytes())
             gen = torch.Generator(device=knob.device).manual_seed(seed)
-        n_all = changed = sub = 0
-        err2 = upd2 = 0.0
+        acc = {"n": 0, "changed": 0, "sub": 0, "err2": 0.0, "upd2": 0.0}
         for g in self.groups:
             dS = knob[g.start:g.start + g.L * g.r].view(g.L, g.r)
             if not bool(dS.any()):
                 g.W.copy_(g.W0)
-                n_all += g.W.numel()
+                acc["n"] += g.W.numel()
                 continue
-            o, i = g.shape
-            step = max(1, MERGE_SCRATCH_BYTES // (4 * o * i))
-            for a in range(0, g.L, step):
-                b = min(g.L, a + step)
-                W0, U, Vh, d = g.W0[a:b], g.U[a:b].float(), g.Vh[a:b].float(), dS[a:b].float()
-                D = torch.bmm(U * d[:, None, :], Vh) if o <= i else torch.bmm(U, Vh * d[:, :, None])
-                exact = W0.float() + D
-                if stochastic:
-                    W = _stochastic_round_bf16(exact, gen)
-                else:
-                    W = exact.to(self.dtype)
-                g.W[a:b].copy_(W)
-                if low:  # measure what the rounding did (cheap next to the merge GEMM)
-                    got = W.float() - W0.float()
-                    changed += int((got != 0).sum())
-                    ulp = _ulp(W0)
-                    sub += int((D.abs() < 0.5 * ulp).sum())
-                    err2 += float((got - D).double().pow(2).sum())
-                    upd2 += float(D.double().pow(2).sum())
-                else:
-                    changed += int((W != W0).sum())
-                n_all += W0.numel()
-        stats = {"merge_changed_frac": changed / max(1, n_all)}
-        if low:
-            stats["merge_lost_frac"] = math.sqrt(err2 / upd2) if upd2 > 0 else 0.0
-            stats["merge_sub_half_ulp_frac"] = sub / max(1, n_all)
+            merge_stack(g.W0, g.U, g.Vh, dS, g.W, gen if stochastic else None, acc)
+        stats = {"merge_changed_frac": acc["changed"] / max(1, acc["n"]),
+                 "merge_lost_frac": math.sqrt(acc["err2"] / acc["upd2"]) if acc["upd2"] > 0 else 0.0,
+                 "merge_sub_half_ulp_frac": acc["sub"] / max(1, acc["n"])}
         self.merge_stats = stats
         return stats
 
