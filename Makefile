@@ -9,7 +9,8 @@ APT_PACKAGES = bubblewrap prometheus docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup apt venv install test test-fast bench bench-kernel bench-grader bench-step \
-        fast-dev-run smoke-vanilla smoke-projected extract download-model queue-full queue-cpu report report-cpu clean
+        fast-dev-run smoke-vanilla smoke-projected extract download-model queue-full queue-cpu report report-cpu clean \
+        gpu-check gpu-check-dry
 
 setup: apt venv install
 
@@ -46,6 +47,15 @@ bench-grader:
 
 bench-step:
 	$(PGRPO) bench step
+
+# everything that needs a GPU in one run (< 5 min on one H100/H200): build, CUDA tests, op parity + timings at
+# Qwen3-4B shapes, bench step on the 4B-shape model, 2 training steps; results in gpu_check_out/gpu_check.json
+gpu-check:
+	PY=$(PY) OUT=gpu_check_out bash tools/gpu_check.sh
+
+# the same script on the CPU at small shapes (CI runs it via tests/test_gpu_check.py so it cannot rot)
+gpu-check-dry:
+	PY=$(PY) OUT=gpu_check_out/dry GPU_CHECK_DRY=1 bash tools/gpu_check.sh
 
 fast-dev-run:
 	$(PGRPO) train --config jobs/fast-dev-run.yaml --out runs/fast-dev-run --overwrite

@@ -265,7 +265,13 @@ class SVDAdapter:
             g = ShapeGroup(shape=shape, idx=[], start=self.offsets[-1])
             Us, Vhs = [], []
             for name, lin in mods:
-                U, Vh = thin_svd(lin.weight.data, cache_dir, self.svd_stats)
+                known = getattr(lin, "svd_factors", None)   # a model built from its factors (qwen3-4b-shape)
+                if known is not None and known[0].shape == (shape[0], min(shape)) and known[1].shape == (min(shape), shape[1]):
+                    U, Vh = known[0].to(lin.weight.dtype), known[1].to(lin.weight.dtype)
+                    del lin.svd_factors
+                    self.svd_stats["known"] = self.svd_stats.get("known", 0) + 1
+                else:
+                    U, Vh = thin_svd(lin.weight.data, cache_dir, self.svd_stats)
                 Us.append(U)
                 Vhs.append(Vh)
                 g.idx.append(len(self.names))

@@ -73,9 +73,11 @@ def qwen3_4b_shape_config(scale: int = 1) -> dict:
     return c
 
 
-def build_qwen3_4b_shape(scale: int = 1, seed: int = 0, dtype=torch.bfloat16, device="cpu"):
+def build_qwen3_4b_shape(scale: int = 1, seed: int = 0, dtype=torch.bfloat16, device="cpu",
+                         svd_by_construction: bool = True):
     """A randomly initialised Qwen3ForCausalLM with Qwen3-4B's shapes (no download), built directly on
-    `device` in `dtype` (a 4B model is never materialised in fp32 on the host)."""
+    `device` in `dtype` (a 4B model is never materialised in fp32 on the host). Its decoder Linears are
+    built from known SVD factors (`_weights_from_factors`) unless svd_by_construction=False."""
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     tok = ByteTokenizer()
@@ -93,10 +95,31 @@ def build_qwen3_4b_shape(scale: int = 1, seed: int = 0, dtype=torch.bfloat16, de
                 model = Qwen3ForCausalLM(cfg)
         finally:
             torch.set_default_dtype(prev)
+    if svd_by_construction:
+        _weights_from_factors(model, seed)
     model = model.eval()
     gc = model.generation_config
     gc.pad_token_id, gc.eos_token_id, gc.bos_token_id = tok.pad_token_id, tok.eos_token_ids, None
     return model, tok
+
+
+@torch.no_grad()
+def _weights_from_factors(model, seed: int):
+    """Replace every decoder Linear's random weight by U diag(S) Vh with random orthonormal U, Vh (QR of a
+    Gaussian) and S spread over the range a Gaussian init of std 0.02 has (Marchenko-Pastur edges), and hang
+    (U, Vh) on the Linear as `svd_factors`: the adapter then takes the SVD it would otherwise spend minutes
+    computing for 252 large random matrices (a real checkpoint still goes through adapter.thin_svd)."""
+    gen = torch.Generator(device=model.device).manual_seed(seed + 1)
+    for name, lin in model.named_modules():
+        if not isinstance(lin, torch.nn.Linear) or ".layers." not in name:
+            continue
+        o, i = lin.weight.shape
+        r = min(o, i)
+        U = torch.linalg.qr(torch.randn(o, r, generator=gen, device=model.device))[0]
+        V = torch.linalg.qr(torch.randn(i, r, generator=gen, device=model.device))[0]
+        S = 0.02 * torch.linspace(o ** 0.5 + i ** 0.5, abs(o ** 0.5 - i ** 0.5) + 0.1, r, device=model.device)
+        lin.weight.copy_((U * S) @ V.T)
+        lin.svd_factors = (U.to(lin.weight.dtype), V.T.contiguous().to(lin.weight.dtype))
 
 
 # ----------------------------------------------------------------------------- tokenizers
