@@ -145,8 +145,18 @@ def generate_groups_for(c, cfg, free_bytes: int, prompt_tokens: int, dtype_bytes
     per_group = G * ((prompt_tokens + cfg.rollout.max_new_tokens) * kv_bytes_per_token(c, dtype_bytes)
                      + 4 * _get(c, "vocab_size") * 4)
     fit = max(1, int(0.9 * free_bytes) // per_group)
-    cap = cfg.rollout.groups_per_generate or cfg.data.prompts_per_step
-    return int(min(fit, cap, cfg.data.prompts_per_step))
+    return balanced_groups(cfg.data.prompts_per_step, fit, cfg.rollout.groups_per_generate)
+
+
+def balanced_groups(P: int, fit: int, cap: int = 0) -> int:
+    """Groups per generate call for P groups when `fit` fit in memory and at most `cap` (0 = no cap) are wanted:
+    the cap exactly when memory does not bind (so the calls are those of a fixed batch), else the fewest calls
+    that fit, balanced (43 groups with room for 21: 3 calls of 15, not 21 + 21 + 1)."""
+    cap = min(P, cap or P)
+    if fit >= cap:
+        return cap
+    calls = -(-P // max(1, fit))
+    return -(-P // calls)
 
 
 # ----------------------------------------------------------------------------- free memory at run time

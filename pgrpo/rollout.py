@@ -87,17 +87,12 @@ def groups_per_call(model, prompts: list[list[int]], rollout_cfg, device, free: 
     tokens, which depend on the batch a sample is drawn in) are the same as with a fixed batch."""
     from pgrpo import memory
     P, G = len(prompts), rollout_cfg.group_size
-    cap = min(P, rollout_cfg.groups_per_generate or P)
     c = model.config
     e = next(model.parameters()).element_size()
     T = max(len(p) for p in prompts) + rollout_cfg.max_new_tokens
     per_group = G * (T * memory.kv_bytes_per_token(c, e) + 4 * memory._get(c, "vocab_size") * 4)
     free = memory.free_bytes(device) if free is None else free
-    fit = max(1, int(0.9 * free) // per_group)
-    if fit >= cap:
-        return cap
-    calls = -(-P // fit)
-    return -(-P // calls)
+    return memory.balanced_groups(P, max(1, int(0.9 * free) // per_group), rollout_cfg.groups_per_generate)
 
 
 class GenerationBackend:
