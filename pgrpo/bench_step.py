@@ -219,7 +219,9 @@ def main(argv=None) -> int:
     ap.add_argument("--config", default="jobs/fast-dev-run.yaml", help="preset for --steps")
     ap.add_argument("--steps", type=int, default=0, help="real training steps of --config for the grader's share (0 = skip)")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (default 1; 0 = torch's default)")
-    ap.add_argument("--json", dest="json_path", help="write every number to this JSON file")
+    ap.add_argument("--json", dest="json_path", help="write every number to this JSON file (rewritten after each section)")
+    ap.add_argument("--sections", default="gen,loss,ops",
+                    help="comma list of gen, loss, ops (default all; the GPU check times compile in its own run)")
     a = ap.parse_args(argv)
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
@@ -240,8 +242,18 @@ def main(argv=None) -> int:
         raise UserError(f"--config {a.config} does not exist (run from the repository root or pass --config PATH).")
     if a.json_path and not os.path.isdir(os.path.dirname(os.path.abspath(a.json_path))):
         raise UserError(f"--json {a.json_path}: its directory does not exist.")
+    sections = [x.strip() for x in a.sections.split(",") if x.strip()]
+    if not sections or set(sections) - {"gen", "loss", "ops"}:
+        raise UserError(f"--sections {a.sections!r}: give a comma list of gen, loss, ops.")
     if a.threads:
         torch.set_num_threads(a.threads)
+
+    def dump():   # after every section, so a run cut short by a timeout still leaves its numbers
+        if a.json_path:
+            tmp = a.json_path + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump(res, f, indent=1)
+            os.replace(tmp, a.json_path)
 
     t0 = time.perf_counter()
     model, tok, ad, svd_s = _build(a.model, "merged", device, dtype, 0, 0.02, a.scale)
@@ -260,30 +272,33 @@ def main(argv=None) -> int:
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(0, 256, (a.prompt_len,), generator=g).tolist() for _ in range(a.groups)]
 
-    gen_section(model, tok, device, prompts, a, res)
-    loss_section(model, tok, ad, device, prompts, a, res)
-    ops_section(ad, device, a, res)
-
-    gens = [v["s"] for k, v in res["generation"].items() if k in ("batched", "compile") and "s" in v]
-    phases = {"gen": min(gens), "loss": res["loss"].get("chunked", {}).get("s", float("nan")),
-              "collect_grad": res["ops"]["collect_grad_s"], "project": res["ops"]["project_s"],
-              "merge": res["ops"]["merge_s"]}
-    total = sum(phases.values())
-    res["phases_s"] = phases
-    res["phase_share"] = {k: v / total for k, v in phases.items()}
-    print("STEP phase shares (no grader): " + " ".join(f"{k}={v:.1%}" for k, v in res["phase_share"].items())
-          + f"  of {total:.2f}s", flush=True)
+    dump()
+    if "gen" in sections:
+        gen_section(model, tok, device, prompts, a, res)
+        dump()
+    if "loss" in sections:
+        loss_section(model, tok, ad, device, prompts, a, res)
+        dump()
+    if "ops" in sections:
+        ops_section(ad, device, a, res)
+        dump()
+    if {"gen", "loss", "ops"} <= set(sections):
+        gens = [v["s"] for k, v in res["generation"].items() if k in ("batched", "compile") and "s" in v]
+        phases = {"gen": min(gens), "loss": res["loss"].get("chunked", {}).get("s", float("nan")),
+                  "collect_grad": res["ops"]["collect_grad_s"], "project": res["ops"]["project_s"],
+                  "merge": res["ops"]["merge_s"]}
+        total = sum(phases.values())
+        res["phases_s"] = phases
+        res["phase_share"] = {k: v / total for k, v in phases.items()}
+        print("STEP phase shares (no grader): " + " ".join(f"{k}={v:.1%}" for k, v in res["phase_share"].items())
+              + f"  of {total:.2f}s", flush=True)
 
     if a.factored:
         del model, ad
         res["factored"] = _factored_section(a, device, dtype, prompts, res)
     if a.steps:
         res["train_steps"] = _train_section(a, device, dtype)
-    if a.json_path:
-        tmp = a.json_path + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(res, f, indent=1)
-        os.replace(tmp, a.json_path)
+    dump()
     return 0
 
 

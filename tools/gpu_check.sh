@@ -7,6 +7,7 @@
 #   5. bench_step: `pgrpo bench step --model qwen3-4b-shape` (generation today/batched/compile, loss pass, ops)
 #   6. train: tools/gpu_check_train.py, 2 steps of jobs/full-projected.yaml on the random 4B-shape model with the
 #      real grader
+#   7. bench_compile: generation with rollout.compile (today / batched / compile), if >= 60 s of the budget are left
 #   then tools/gpu_check_collect.py writes $OUT/gpu_check.json (every stage's rc, time and results; "fails").
 # Run from the repository root. Env: PY (default python3), OUT (default ./gpu_check_out), BUDGET (seconds, 290),
 # SKIP_BUILD=1, GPU_CHECK_DRY=1 (the CPU dry mode CI runs: no build, no pytest, every python stage on small
@@ -57,13 +58,23 @@ print('extension:', o.HAVE_EXTENSION, o._EXT_MISSING_WHY, '| CUDA kernels regist
     tests/test_logprobs.py tests/test_train.py -k "cuda or gpu or GPU or test_ops"
   stage ops 80 $PY tools/gpu_check_ops.py
   stage bench_step 90 $PY -m pgrpo bench step --model qwen3-4b-shape --groups 12 --group-size 6 \
-    --old-groups-per-call 4 --prompt-len 512 --new-tokens 96 --json "$OUT/bench_step.json"
+    --old-groups-per-call 4 --prompt-len 512 --new-tokens 96 --no-compile --json "$OUT/bench_step.json"
   stage train 100 $PY tools/gpu_check_train.py
+  # torch.compile of a 4B decode step takes a minute or more: last, with whatever the budget has left
+  if [ "$(left)" -ge 60 ]; then
+    stage bench_compile 200 $PY -m pgrpo bench step --model qwen3-4b-shape --groups 12 --group-size 6 \
+      --old-groups-per-call 4 --prompt-len 512 --new-tokens 96 --sections gen --json "$OUT/bench_compile.json"
+  else
+    log "bench_compile skipped: $(left)s of the budget left"
+  fi
 else
   stage ops 120 $PY tools/gpu_check_ops.py
   stage bench_step 120 $PY -m pgrpo bench step --model qwen3-4b-shape --scale 16 --groups 2 --group-size 2 \
-    --old-groups-per-call 1 --prompt-len 16 --new-tokens 4 --compile-backend eager --json "$OUT/bench_step.json"
+    --old-groups-per-call 1 --prompt-len 16 --new-tokens 4 --no-compile --json "$OUT/bench_step.json"
   stage train 120 $PY tools/gpu_check_train.py
+  stage bench_compile 120 $PY -m pgrpo bench step --model qwen3-4b-shape --scale 16 --groups 2 --group-size 2 \
+    --old-groups-per-call 1 --prompt-len 16 --new-tokens 4 --sections gen --compile-backend eager \
+    --json "$OUT/bench_compile.json"
 fi
 $PY tools/gpu_check_collect.py
 rc=$?

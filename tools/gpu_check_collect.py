@@ -11,7 +11,7 @@ with open(os.path.join(out, "stages.tsv")) as f:
         res["stages"][name] = {"rc": int(rc), "seconds": int(secs), "timed_out": rc in ("124", "137")}
         if rc != "0":
             res["fails"].append(f"stage {name} rc={rc}")
-for name in ("ops", "bench_step", "train"):
+for name in ("ops", "bench_step", "train", "bench_compile"):
     p = os.path.join(out, f"{name}.json")
     if os.path.isfile(p):
         with open(p) as f:
