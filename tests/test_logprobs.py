@@ -31,17 +31,22 @@ def _loss_and_grad(fn, model, ad, batch, temperature):
     return logp.detach(), ad.collect_grad().clone()
 
 
-@pytest.mark.parametrize("mode,dtype", [("merged", torch.float32), ("factored", torch.float32),
-                                        ("merged", torch.bfloat16)])
+GPU = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+
+
+@pytest.mark.parametrize("mode,dtype,device", [("merged", torch.float32, "cpu"), ("factored", torch.float32, "cpu"),
+                                               ("merged", torch.bfloat16, "cpu"),
+                                               pytest.param("merged", torch.bfloat16, "cuda", marks=[GPU, pytest.mark.cuda])])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
-def test_chunked_logprobs_and_grads_equal_the_full_formulation(monkeypatch, mode, dtype, temperature):
+def test_chunked_logprobs_and_grads_equal_the_full_formulation(monkeypatch, mode, dtype, device, temperature):
     torch.manual_seed(0)
     model = build_tiny_model(seed=0).to(dtype)
     ad = SVDAdapter(model, mode=mode)
+    ad.to(device)
     with torch.no_grad():
-        ad.delta.copy_(torch.randn(ad.R, generator=torch.Generator().manual_seed(1)) * 0.05)
+        ad.delta.copy_(torch.randn(ad.R, generator=torch.Generator().manual_seed(1)).to(device) * 0.05)
     ad.merge()
-    batch = _batch()
+    batch = tuple(t.to(device) for t in _batch())
     ref, gref = _loss_and_grad(grpo.completion_logprobs_full, model, ad, batch, temperature)
     monkeypatch.setattr(grpo, "LOGPROB_CHUNK_BYTES", 4 * 260 * 5)   # 5 tokens per chunk: many chunks
     got, g = _loss_and_grad(grpo.completion_logprobs, model, ad, batch, temperature)

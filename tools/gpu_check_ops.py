@@ -284,6 +284,16 @@ guarded(lambda: T.__setitem__("torch min-intermediate, all groups", [x * 1e3 for
 guarded(lambda: T.__setitem__("torch batched (bench baseline), all groups", [x * 1e3 for x in t_events(lambda: [batched_torch(s) for s in stacks], 3, 1)]))
 
 
+# ---- one thin SVD per shape (fp32, as adapter.thin_svd computes it): the one-time cost for a real checkpoint
+svd_ms = {}
+for s in stacks:
+    Wf = s["G"][0].float()
+    svd_ms[s["name"]] = 1e3 * t_wall(lambda: torch.linalg.svd(Wf, full_matrices=False), 2, 1)[0]
+res["svd_ms_per_module"] = svd_ms
+res["svd_all_modules_estimate_s"] = sum(svd_ms[s["name"]] * s["L"] for s in stacks) / 1e3
+print(f"thin SVD per module (ms): {svd_ms}; all {sum(s['L'] for s in stacks)} modules ~{res['svd_all_modules_estimate_s']:.0f}s "
+      "(once per checkpoint, then cached)", flush=True)
+
 # ---- the adapter's merge, exactly as SVDAdapter.merge runs it: fp32 product + sum, one rounding to bf16
 from pgrpo.adapter import merge_stack
 mgen = torch.Generator(device=dev).manual_seed(5)
