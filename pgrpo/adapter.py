@@ -514,10 +514,17 @@ class SVDAdapter:
     def merged_weights(self):
         """(module name, W_eff view) for every adapted Linear: what a separate inference engine must copy
         after each merge to generate with the current policy (see rollout.GenerationBackend.sync_weights)."""
+        knob = self.knob().detach()
         for g in self.groups:
             for j, m in enumerate(g.idx):
-                yield self.names[m], (g.W0[j] if self._disabled else g.W[j]) if self.mode == "merged" \
-                    else self._linears[m].weight
+                if self.mode == "merged":
+                    yield self.names[m], g.W0[j] if self._disabled else g.W[j]
+                else:   # factored: the Linear holds W0; form W_eff the way merge() would
+                    a = self.offsets[m]
+                    W0 = self._linears[m].weight.detach()
+                    out = torch.empty_like(W0)
+                    dS = torch.zeros(1, g.r, device=knob.device) if self._disabled else knob[a:a + g.r][None]
+                    yield self.names[m], merge_stack(W0[None], g.U[j][None], g.Vh[j][None], dS, out[None])[0]
 
     # ------------------------------------------------------------------ state
     def knob_state_dict(self, hack: bool = False) -> dict[str, torch.Tensor]:

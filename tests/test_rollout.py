@@ -106,3 +106,18 @@ def test_compile_option_static_cache_gives_the_same_greedy_tokens(tm, monkeypatc
     got = rollout.generate_groups(model, tok, prompts, [0, 1, 2], dataclasses.replace(cfg, compile=True), "cpu")
     print(f"compiled rollout: {time.perf_counter() - t0:.1f}s")
     assert [g.completions for g in got] == [g.completions for g in ref]
+
+
+def test_replica_sync_from_a_factored_adapter_gives_its_policy(tm):
+    _, tok, prompts = tm
+    model = build_tiny_model(seed=0)
+    replica = copy.deepcopy(model)
+    ad = SVDAdapter(model, mode="factored")
+    with torch.no_grad():
+        ad.delta.copy_(torch.randn(ad.R, generator=torch.Generator().manual_seed(2)) * 0.5)
+    cfg = RolloutConfig(group_size=2, max_new_tokens=10, temperature=0.0)
+    ref = rollout.generate_groups(model, tok, prompts, [0, 1, 2], cfg, "cpu")
+    backend = rollout.ReplicaGenerate(replica, tok, "cpu")
+    backend.sync_weights(ad)
+    got = rollout.generate_groups(model, tok, prompts, [0, 1, 2], cfg, "cpu", backend=backend)
+    assert [g.completions for g in got] == [g.completions for g in ref]
