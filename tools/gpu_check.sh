@@ -40,6 +40,10 @@ stage() {
 }
 
 if [ "$DRY" != 1 ]; then
+  if ! $PY -c "import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)" 2>/dev/null; then
+    echo "gpu_check: no CUDA GPU is visible to $PY; on a CPU machine run the dry mode: make gpu-check-dry" >&2
+    exit 2
+  fi
   stage env 20 bash -c "nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; \
     $PY -c 'import torch; print(\"torch\", torch.__version__, \"cuda\", torch.version.cuda, torch.cuda.get_device_name())'"
   if [ "${SKIP_BUILD:-0}" != 1 ]; then
