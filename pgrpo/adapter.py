@@ -131,10 +131,15 @@ def _stochastic_round_bf16(x: torch.Tensor, gen: torch.Generator) -> torch.Tenso
     return torch.where(finite, out.view(torch.float32), x).to(torch.bfloat16)
 
 
+_MANTISSA_BITS = {torch.bfloat16: 7, torch.float16: 10, torch.float32: 23, torch.float64: 52}
+
+
 def _ulp(W: torch.Tensor) -> torch.Tensor:
-    """Spacing of W's floating-point grid at each entry (in fp32): what one step up from |W| adds."""
-    a = W.abs()
-    return torch.nextafter(a, torch.full_like(a, float("inf"))).float() - a.float()
+    """Spacing of W's floating-point grid at each entry, as fp32: 2^(exponent - mantissa bits), read from the
+    fp32 bit pattern with integer ops (supported for every dtype on every device, unlike nextafter). Zero and
+    subnormals get the smallest normal fp32 spacing, which only matters for the statistics."""
+    e = (W.detach().float().abs().contiguous().view(torch.int32) >> 23) & 0xFF   # biased fp32 exponent
+    return ((e - _MANTISSA_BITS.get(W.dtype, 23)).clamp_min(1) << 23).view(torch.float32)
 
 
 @torch.no_grad()

@@ -295,7 +295,7 @@ print(f"thin SVD per module (ms): {svd_ms}; all {sum(s['L'] for s in stacks)} mo
       "(once per checkpoint, then cached)", flush=True)
 
 # ---- the adapter's merge, exactly as SVDAdapter.merge runs it: fp32 product + sum, one rounding to bf16
-from pgrpo.adapter import merge_stack
+from pgrpo.adapter import _ulp, merge_stack
 mgen = torch.Generator(device=dev).manual_seed(5)
 for s in stacks:   # W0 := G (any bf16 stack of the right shape), a knob of Adam-step size
     s["dS"] = 1e-3 * torch.randn(s["L"], s["r"], generator=mgen, device=dev)
@@ -305,8 +305,7 @@ for s in stacks:
     merge_stack(s["G"], s["U"], s["Vh"], s["dS"], s["W"], None, macc)
     l = s["L"] - 1
     ex = s["G"][l].double() + (s["U"][l].double() * s["dS"][l].double()) @ s["Vh"][l].double()
-    ulp = (torch.nextafter(s["W"][l].abs(), torch.tensor(float("inf"), device=dev, dtype=bf16)).double()
-           - s["W"][l].abs().double())
+    ulp = _ulp(s["W"][l]).double()
     check(f"merge {s['name']} vs fp64 within half an ulp", bool(((s["W"][l].double() - ex).abs() <= 0.5 * ulp + 1e-12).all()))
     cpu = merge_stack(s["G"][l:].cpu(), s["U"][l:].cpu(), s["Vh"][l:].cpu(), s["dS"][l:].cpu(), torch.empty_like(s["G"][l:].cpu()))
     diff = float((cpu[0].double() - s["W"][l].cpu().double()).abs().div(ulp.cpu()).max())
