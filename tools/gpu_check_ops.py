@@ -297,17 +297,22 @@ print(f"thin SVD per module (ms): {svd_ms}; all {sum(s['L'] for s in stacks)} mo
 # ---- the adapter's merge, exactly as SVDAdapter.merge runs it: fp32 product + sum, one rounding to bf16
 from pgrpo.adapter import _ulp, merge_stack
 mgen = torch.Generator(device=dev).manual_seed(5)
-for s in stacks:   # W0 := G (any bf16 stack of the right shape), a knob of Adam-step size
+for s in stacks:   # W0 ~ N(0, 0.02^2) like Qwen3's weights (G rescaled), a knob step of Adam size at lr 1e-3
     s["dS"] = 1e-3 * torch.randn(s["L"], s["r"], generator=mgen, device=dev)
+    s["W0"] = s["G"] * 0.02
     s["W"] = torch.empty_like(s["G"])
 macc = {"n": 0, "changed": 0, "sub": 0, "err2": 0.0, "upd2": 0.0}
 for s in stacks:
-    merge_stack(s["G"], s["U"], s["Vh"], s["dS"], s["W"], None, macc)
+    merge_stack(s["W0"], s["U"], s["Vh"], s["dS"], s["W"], None, macc)
     l = s["L"] - 1
-    ex = s["G"][l].double() + (s["U"][l].double() * s["dS"][l].double()) @ s["Vh"][l].double()
+    ex = s["W0"][l].double() + (s["U"][l].double() * s["dS"][l].double()) @ s["Vh"][l].double()
     ulp = _ulp(s["W"][l]).double()
-    check(f"merge {s['name']} vs fp64 within half an ulp", bool(((s["W"][l].double() - ex).abs() <= 0.5 * ulp + 1e-12).all()))
-    cpu = merge_stack(s["G"][l:].cpu(), s["U"][l:].cpu(), s["Vh"][l:].cpu(), s["dS"][l:].cpu(), torch.empty_like(s["G"][l:].cpu()))
+    # rounded once: within half an ulp, plus the fp32 GEMM's own error where W0 and D nearly cancel
+    slack = 1e-6 * float(s["W0"][l].abs().max())
+    err = (s["W"][l].double() - ex).abs()
+    check(f"merge {s['name']} vs fp64 within half an ulp", bool((err <= 0.5 * ulp + slack).all()),
+          f"max {float((err / ulp).max()):.2f} ulp")
+    cpu = merge_stack(s["W0"][l:].cpu(), s["U"][l:].cpu(), s["Vh"][l:].cpu(), s["dS"][l:].cpu(), torch.empty_like(s["G"][l:].cpu()))
     diff = float((cpu[0].double() - s["W"][l].cpu().double()).abs().div(ulp.cpu()).max())
     check(f"merge {s['name']} CUDA vs CPU within one ulp", diff <= 1.0 + 1e-9, f"{diff:.2f} ulp")
 res["merge_rounding_at_lr_1e-3"] = {"changed_frac": macc["changed"] / macc["n"], "lost_frac": math.sqrt(macc["err2"] / macc["upd2"]),
@@ -317,12 +322,12 @@ print("merge rounding of a 1e-3 knob step:", res["merge_rounding_at_lr_1e-3"], f
 
 def merge():
     for s in stacks:
-        merge_stack(s["G"], s["U"], s["Vh"], s["dS"], s["W"])
+        merge_stack(s["W0"], s["U"], s["Vh"], s["dS"], s["W"])
 
 
 T["merge (adapter.merge_stack, fp32, nearest), all groups"] = [x * 1e3 for x in t_events(merge, 3, 1)]
 for s in stacks:
-    del s["W"]
+    del s["W"], s["W0"]
 for k in (4, 12):
     pk = ops.pack_vhack(names, ranks, {n: torch.linalg.qr(torch.randn(r, k, generator=cg))[0].T.contiguous()
                                        for n, r in zip(names, ranks)}, device=dev)
