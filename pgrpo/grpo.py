@@ -47,7 +47,7 @@ def completion_logprobs(model, input_ids: torch.Tensor, attn_mask: torch.Tensor,
 
     `completion_mask[b, t] = 1` marks token t of row b as a scored completion token (prompt and padding 0).
     `temperature` divides the logits before the log-softmax (score the policy that sampled at that
-    temperature). Position ids follow the attention mask, so left- and right-padded batches both work;
+    temperature); 0 (greedy sampling, no distribution to match) scores the untempered logits. Position ids follow the attention mask, so left- and right-padded batches both work;
     use_cache=False: nothing is reused across forwards here.
 
     Memory: full-vocabulary fp32 logits are never materialised for the batch. The decoder's last hidden
@@ -57,6 +57,7 @@ def completion_logprobs(model, input_ids: torch.Tensor, attn_mask: torch.Tensor,
     ``lm_head(hidden)`` (soft-capping, a logit scale, a hooked head) take `completion_logprobs_full`.
     """
     B, T = input_ids.shape
+    temperature = float(temperature) if temperature and temperature > 0 else 1.0
     cm = completion_mask.bool().clone()
     cm[:, 0] = False  # token 0 has no prefix to predict it
     if not cm.any():
@@ -141,6 +142,7 @@ def completion_logprobs_full(model, input_ids, attn_mask, completion_mask, tempe
     vocabulary for every row and position. Memory: [B, T_completion, V] fp32, ~5.6 GB for 6 x 1536 tokens
     at a 151k vocabulary."""
     B, T = input_ids.shape
+    temperature = float(temperature) if temperature and temperature > 0 else 1.0
     cm = completion_mask.bool()
     if not cm.any():
         return torch.zeros(B, T, dtype=torch.float32, device=input_ids.device)

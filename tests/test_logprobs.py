@@ -65,6 +65,10 @@ def test_temperature_divides_the_logits():
         ref = torch.log_softmax(logits[:, :-1] / 0.5, -1).gather(-1, ids[:, 1:, None])[..., 0]
         got = grpo.completion_logprobs(model, ids, attn, cm, temperature=0.5)
     torch.testing.assert_close(got[:, 1:][cm[:, 1:].bool()], ref[cm[:, 1:].bool()], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():   # temperature 0 (greedy sampling) scores the untempered logits, never divides by 0
+        t0 = grpo.completion_logprobs(model, ids, attn, cm, temperature=0.0)
+        t1 = grpo.completion_logprobs(model, ids, attn, cm)
+    assert torch.equal(t0, t1) and torch.isfinite(t0).all()
 
 
 class _LargestFloat(TorchDispatchMode):
