@@ -383,7 +383,8 @@ for name, (med, mn) in T.items():
     print(f"time {name:60s} median {med:9.3f} ms  min {mn:9.3f} ms")
 print(json.dumps(res["summary"], indent=1))
 out = os.environ.get("OUT", ".")
-with open(os.path.join(out if os.path.isdir(out) else ".", "ops.json"), "w") as fh:
+os.makedirs(out, exist_ok=True)
+with open(os.path.join(out, "ops.json"), "w") as fh:
     json.dump(res, fh, indent=1)
 print("FAILS:", res["fails"] or "none")
 sys.exit(1 if res["fails"] else 0)
