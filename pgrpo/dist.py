@@ -253,7 +253,13 @@ def init(device: str = "auto", timeout_s: float = 1800.0) -> Comm:
     world = int(os.environ.get("WORLD_SIZE", "1") or 1)
     if world <= 1:
         return Comm(timeout_s=timeout_s)
+    import sys
     import torch.distributed as tdist
+    for stream in (sys.stdout, sys.stderr):   # N ranks share one terminal/pipe: one write per line, never a
+        try:                                  # line of rank 0 torn by a line of rank 1
+            stream.reconfigure(line_buffering=True, write_through=False)
+        except (AttributeError, ValueError):
+            pass
     try:
         rank, local = int(os.environ["RANK"]), int(os.environ.get("LOCAL_RANK", "0"))
     except (KeyError, ValueError):
