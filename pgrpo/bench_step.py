@@ -161,7 +161,7 @@ def bench_ranks(a) -> int:
     steps = max(a.steps, 3) + 1
     from pgrpo import config as C
     cfg = C.load(a.config)
-    P = max(cfg.data.prompts_per_step // n, 1) * n          # a multiple of N: every rank gets the same share
+    P = -(-cfg.data.prompts_per_step // n) * n              # rounded up to a multiple of N: equal shares
     sets = [f"steps={steps}", "checkpoint_every=0", "metrics_port=0", f"data.prompts_per_step={P}",
             f"rollout.groups_per_generate={P // n}", f"cpu_threads={a.threads}", f"device={a.device}"]
     over = [x for s in sets for x in ("--set", s)]
@@ -177,9 +177,10 @@ def bench_ranks(a) -> int:
                       ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
                        "--max-restarts", "0", "-m", "pgrpo"])
             rows = _run_rows([*launch, "train", "--config", a.config, "--out", run, *over], run)[1:]
-        m = {p: sum(r["timing"].get(p, 0.0) for r in rows) / len(rows) for p in (*phases, "allreduce")}
+        m = {p: sum(r["timing"].get(p, 0.0) for r in rows) / len(rows) for p in (*phases, "sync", "allreduce")}
         mean[ranks] = m
-        extra = (f" allreduce={m['allreduce']:.4f}s ({m['allreduce'] / m['total']:.2%} of the step)"
+        extra = (f" | inside project: allreduce={m['allreduce'] * 1e3:.2f}ms ({m['allreduce'] / m['total']:.2%} of "
+                 f"the step), waiting for the slower rank={m['sync'] * 1e3:.1f}ms ({m['sync'] / m['total']:.1%})"
                  if ranks > 1 else "")
         print(f"RANKS {ranks}: " + " ".join(f"{p}={m[p]:.3f}s" for p in phases) + extra, flush=True)
     print(f"RATIO step time 1 rank / {n} ranks = {mean[1]['total'] / mean[n]['total']:.2f}x "

@@ -199,22 +199,26 @@ class Comm:
 
     def reduce_grad(self, grad: torch.Tensor, stats: list[float]):
         """Sum the flat delta_S gradient (in place) and the step's loss statistics over the ranks; returns
-        (grad, summed stats, seconds). One all-reduce: the statistics ride along as R + len(stats) floats.
+        (grad, summed stats, {"sync": s, "allreduce": s}). One all-reduce: the statistics ride along as
+        R + len(stats) floats. A barrier first, so the time spent waiting for the slowest rank (load imbalance)
+        is measured apart from the all-reduce itself.
         The addition order differs from a single process summing all groups (each rank's basis change runs
         on its own partial G_W), so N-rank gradients equal the 1-rank ones to fp32 rounding, not bitwise."""
         if not self.distributed:
-            return grad, stats, 0.0
+            return grad, stats, {}
         import torch.distributed as tdist
         t0 = time.perf_counter()
         buf = torch.cat([grad.detach().reshape(-1).float(),
                          torch.tensor(stats, dtype=torch.float32, device=grad.device)])
+        if grad.is_cuda:
+            torch.cuda.synchronize(grad.device)
+        self._run("the pre-all-reduce barrier", lambda: tdist.barrier(group=self.cpu_group))
+        t1 = time.perf_counter()
         self._run("the gradient all-reduce", lambda: tdist.all_reduce(buf, op=tdist.ReduceOp.SUM))
         with torch.no_grad():
             grad.copy_(buf[:grad.numel()].view_as(grad))
-        if grad.is_cuda:
-            torch.cuda.synchronize(grad.device)
-        out = buf[grad.numel():].tolist()
-        return grad, out, time.perf_counter() - t0
+        out = buf[grad.numel():].tolist()   # .tolist() waits for the (NCCL) all-reduce
+        return grad, out, {"sync": t1 - t0, "allreduce": time.perf_counter() - t1}
 
     def all_reduce_rows(self, rows: torch.Tensor, what: str = "a gather") -> torch.Tensor:
         """Concatenate every rank's [n_r, R] rows in rank order (v_hack extraction's per-pair gradients)."""

@@ -649,13 +649,18 @@ def cli(argv) -> int:
         if threads < 1:
             raise UserError(f"--threads must be >= 1, got {threads}.")
         torch.set_num_threads(threads)
+    from pgrpo import dist
+    comm = dist.init(device, cfg.dist_timeout_s)   # under torchrun: pairs split across the ranks, rank 0 writes
     t0 = time.time()
     model, adapter, tok = build_model_adapter(cfg)
     t_load = time.time() - t0
     log(f"extract: {cfg.model.name} on {device}/{dtype}, {len(adapter.names)} modules, R={adapter.R}, "
         f"{len(pairs)} pairs from {pairs_path} (loaded in {t_load:.1f}s)")
     ex = run_extraction(model, adapter, tok, pairs, k=a.k, cut=a.cut, heldout=a.heldout, seed=seed,
-                        max_tokens=a.max_tokens, log=log, contrast=a.contrast)
+                        max_tokens=a.max_tokens, log=log, contrast=a.contrast, comm=comm)
+    if not comm.is_main:
+        comm.close()
+        return 0
     ex.report.update({"seconds_extract": round(ex.seconds, 3), "seconds_load": round(t_load, 3),
                       "fit_pairs": ex.fit_idx, "heldout_pairs": ex.held_idx,
                       "metadata": meta, "out": os.fspath(a.out)})
@@ -669,4 +674,5 @@ def cli(argv) -> int:
     os.replace(tmp, rp)
     print(format_report(ex.report))
     print(f"extract: wrote {a.out} and {rp} ({ex.seconds:.1f}s extraction)")
+    comm.close()
     return 0

@@ -223,3 +223,23 @@ def test_grader_kill_under_one_rank_then_sigkill_of_a_rank_then_resume(two_ranks
     drop = ("time", "timing")
     assert [{k: v for k, v in row.items() if k not in drop} for row in got_rows] == \
            [{k: v for k, v in row.items() if k not in drop} for row in ref_rows]
+
+
+def test_extract_cli_on_two_ranks_writes_the_one_rank_file(tmp_path):
+    """`torchrun --nproc_per_node 2 -m pgrpo extract`: pairs split across the ranks, rank 0 writes the same
+    v_hack (bit for bit) and report as one process does."""
+    from pgrpo import vhack
+    args = ["extract", "--config", FDR, "--k", "2", "--heldout", "0.2", "--set", "adapter.svd_cache_dir=" + str(tmp_path)]
+    one = subprocess.run([sys.executable, "-m", "pgrpo", *args, "--out", str(tmp_path / "v1.safetensors")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([*TORCHRUN, "--nproc_per_node", "2", "-m", "pgrpo", *args, "--out", str(tmp_path / "v2.safetensors")],
+                         cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-2000:]
+    assert two.stdout.count("extract: wrote") == 1                       # rank 0 alone writes
+    V1, S1, _ = vhack.load_vhack(str(tmp_path / "v1.safetensors"))
+    V2, S2, _ = vhack.load_vhack(str(tmp_path / "v2.safetensors"))
+    assert list(V1) == list(V2) and all(torch.equal(V1[n], V2[n]) and torch.equal(S1[n], S2[n]) for n in V1)
+    r1 = json.load(open(tmp_path / "v1.report.json"))
+    r2 = json.load(open(tmp_path / "v2.report.json"))
+    assert r1["heldout"] == r2["heldout"] and r1["null"] == r2["null"]
