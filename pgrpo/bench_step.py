@@ -177,10 +177,11 @@ def bench_ranks(a) -> int:
                       ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
                        "--max-restarts", "0", "-m", "pgrpo"])
             rows = _run_rows([*launch, "train", "--config", a.config, "--out", run, *over], run)[1:]
-        m = {p: sum(r["timing"].get(p, 0.0) for r in rows) / len(rows) for p in (*phases, "sync", "allreduce")}
+        m = {p: sum(r["timing"].get(p, 0.0) for r in rows) / len(rows) for p in (*phases, "exchange", "sync", "allreduce")}
         mean[ranks] = m
         extra = (f" | inside project: allreduce={m['allreduce'] * 1e3:.2f}ms ({m['allreduce'] / m['total']:.2%} of "
-                 f"the step), waiting for the slower rank={m['sync'] * 1e3:.1f}ms ({m['sync'] / m['total']:.1%})"
+                 f"the step), waiting for the slower rank={m['sync'] * 1e3:.1f}ms ({m['sync'] / m['total']:.1%}) | "
+                 f"inside reward: exchange of rollouts+results={m['exchange'] * 1e3:.1f}ms"
                  if ranks > 1 else "")
         print(f"RANKS {ranks}: " + " ".join(f"{p}={m[p]:.3f}s" for p in phases) + extra, flush=True)
     print(f"RATIO step time 1 rank / {n} ranks = {mean[1]['total'] / mean[n]['total']:.2f}x "

@@ -65,6 +65,8 @@ class Comm:
         self.timeout_s = timeout_s
         self.step = 0                       # for error messages
         self.tally = {}                     # grader outcomes on this rank since the last exchange (rank > 0)
+        self.peer_tallies = []              # rank 0: the other ranks' tallies from the last exchange
+        self.timing = {}                    # seconds of this step's communication (the row's timing keys)
 
     @property
     def distributed(self) -> bool:
@@ -115,8 +117,8 @@ class Comm:
         store = self._store()
         if store is not None:
             try:
-                store.wait([_ERR_KEY], datetime.timedelta(seconds=2))
-                reason = store.get(_ERR_KEY).decode("utf-8", "replace")
+                if store.check([_ERR_KEY]):   # a failing rank writes it before it exits, so before we notice
+                    reason = store.get(_ERR_KEY).decode("utf-8", "replace")
             except Exception:
                 reason = None
         if reason:
@@ -176,6 +178,7 @@ class Comm:
             if failure is not None:
                 raise failure
             return groups, results
+        t0 = time.perf_counter()
         tally, self.tally = self.tally, {}
         mine = {"groups": groups if failure is None else [], "results": results if failure is None else [],
                 "error": None if failure is None else _one_line(failure), "tally": tally}
@@ -191,7 +194,20 @@ class Comm:
             all_groups += groups if r == self.rank else g["groups"]
             all_results += results if r == self.rank else g["results"]
         self.peer_tallies = [g["tally"] for r, g in enumerate(got) if r != self.rank]
+        self.timing["exchange"] = time.perf_counter() - t0
         return all_groups, all_results
+
+    def peer_outcomes(self):
+        """(outcome, count) of the other ranks' grader requests since the last exchange (rank 0 counts them)."""
+        for tally in self.peer_tallies if self.is_main else []:
+            yield from tally.items()
+        self.peer_tallies = []
+
+    def pop_timing(self) -> dict:
+        """This step's communication seconds: exchange (the all-gather after grading, including the wait for
+        the slowest rank), sync (the wait before the all-reduce) and allreduce; empty on one rank."""
+        t, self.timing = self.timing, {}
+        return t
 
     def count_outcome(self, outcome: str) -> None:
         """Grader outcomes of a rank > 0, handed to rank 0's Prometheus counters at the next exchange."""
@@ -199,13 +215,13 @@ class Comm:
 
     def reduce_grad(self, grad: torch.Tensor, stats: list[float]):
         """Sum the flat delta_S gradient (in place) and the step's loss statistics over the ranks; returns
-        (grad, summed stats, {"sync": s, "allreduce": s}). One all-reduce: the statistics ride along as
+        (grad, summed stats); the seconds go to `pop_timing`. One all-reduce: the statistics ride along as
         R + len(stats) floats. A barrier first, so the time spent waiting for the slowest rank (load imbalance)
         is measured apart from the all-reduce itself.
         The addition order differs from a single process summing all groups (each rank's basis change runs
         on its own partial G_W), so N-rank gradients equal the 1-rank ones to fp32 rounding, not bitwise."""
         if not self.distributed:
-            return grad, stats, {}
+            return grad, stats
         import torch.distributed as tdist
         t0 = time.perf_counter()
         buf = torch.cat([grad.detach().reshape(-1).float(),
@@ -218,7 +234,8 @@ class Comm:
         with torch.no_grad():
             grad.copy_(buf[:grad.numel()].view_as(grad))
         out = buf[grad.numel():].tolist()   # .tolist() waits for the (NCCL) all-reduce
-        return grad, out, {"sync": t1 - t0, "allreduce": time.perf_counter() - t1}
+        self.timing.update(sync=t1 - t0, allreduce=time.perf_counter() - t1)
+        return grad, out
 
     def all_reduce_rows(self, rows: torch.Tensor, what: str = "a gather") -> torch.Tensor:
         """Concatenate every rank's [n_r, R] rows in rank order (v_hack extraction's per-pair gradients)."""

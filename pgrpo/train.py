@@ -5,9 +5,13 @@
       -> loss fwd/bwd one group at a time -> collect delta_S grad (basis change) -> arm (projection)
       -> clip + AdamW -> re-merge -> metrics row + TIMING line -> checkpoint -> (optional v_hack refresh)
 
-Determinism: generation is seeded per step (seed * 1000003 + step), the data order is a seeded permutation
-stored in the checkpoint, and the grader is deterministic, so a run killed and resumed reaches the same
-delta_S as an uninterrupted one (bitwise on CPU; tests/test_train.py checks it).
+Determinism: generation is seeded per generate call from (seed, step, global group index), the data order is a
+seeded permutation stored in the checkpoint, and the grader is deterministic, so a run killed and resumed reaches
+the same delta_S as an uninterrupted one (bitwise on CPU; tests/test_train.py checks it).
+
+Data parallelism (`torchrun --nproc_per_node N -m pgrpo train`, pgrpo/dist.py): each rank takes its share of the
+step's groups; `comm.exchange` gives every rank the whole step's groups and results, `comm.reduce_grad` sums the
+delta_S gradient before the arm; rank 0 alone writes. On one process every `comm` call is an identity.
 """
 from __future__ import annotations
 
@@ -225,9 +229,8 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
                 failure = e
             # every rank gets the whole step's groups and results (the global batch); identity on one rank
             groups, results = comm.exchange(my_groups, my_results, failure)
-            for tally in getattr(comm, "peer_tallies", []) if comm.is_main else []:
-                for outcome, n in tally.items():
-                    metrics.grader_request(outcome, n)
+            for outcome, n in comm.peer_outcomes():   # rank 0 counts the other ranks' grader requests too
+                metrics.grader_request(outcome, n)
             tokens = sum(len(c) for grp in groups for c, t in zip(grp.completions, grp.teacher) if not t)
             rewards = torch.tensor([r["reward"] for r in results], dtype=torch.float32).view(len(groups), Gs)
             timing["reward"] = time.perf_counter() - t0
@@ -263,11 +266,9 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             # one-sided projection is not linear, so it must see the whole step's gradient
             t0 = time.perf_counter()
             grad = adapter.collect_grad()
-            grad, (loss_total, kl_total, clipped, n_scored), t_comm = comm.reduce_grad(
-                grad, [loss_total, kl_total, clipped, n_scored])
+            grad, (loss_total, kl_total, clipped, n_scored) = comm.reduce_grad(grad, [loss_total, kl_total, clipped, n_scored])
             grad, grad_hack, pstats = grpo.project_grad(grad, cfg.arm, packed, g_offsets)
             timing["project"] = time.perf_counter() - t0
-            timing.update(t_comm)   # N ranks: sync (waiting for the slowest rank) + allreduce, inside project
 
             # ---- clip + AdamW on delta_S (+ delta_S_hack), projection of the actual update, re-merge
             t0 = time.perf_counter()
@@ -295,6 +296,7 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
 
             # ---- metrics row, TIMING line, live line
             timing["total"] = time.perf_counter() - t_step
+            timing.update(comm.pop_timing())   # N ranks: exchange (in reward), sync + allreduce (in project)
             is_teacher = [t for grp in groups for t in grp.teacher]          # rates are over the policy's own samples
             policy = [r for r, t in zip(results, is_teacher) if not t] or results
             row = {"step": step, "lr": lr, "time": time.time(),

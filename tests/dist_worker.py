@@ -51,10 +51,10 @@ arm = C.ArmConfig(name="projected", vhack_path="synthetic", one_sided=True)
 ad.zero_grad()
 group_grad(comm.rank)                                   # this rank's share of the step: one group
 partial = ad.collect_grad().clone()
-summed, stats, _ = comm.reduce_grad(partial.clone(), [float(comm.rank + 1)])
+summed, stats = comm.reduce_grad(partial.clone(), [float(comm.rank + 1)])
 after, _, _ = grpo.project_grad(summed.clone(), arm, packed, offs)   # the trainer's order
 part_proj, _, _ = grpo.project_grad(partial.clone(), arm, packed, offs)
-before, _, _ = comm.reduce_grad(part_proj, [0.0])        # the wrong order: project, then sum
+before, _ = comm.reduce_grad(part_proj, [0.0])        # the wrong order: project, then sum
 
 ad.zero_grad()                                          # one process, both groups: the reference
 group_grad(0)

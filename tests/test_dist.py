@@ -243,3 +243,19 @@ def test_extract_cli_on_two_ranks_writes_the_one_rank_file(tmp_path):
     r1 = json.load(open(tmp_path / "v1.report.json"))
     r2 = json.load(open(tmp_path / "v2.report.json"))
     assert r1["heldout"] == r2["heldout"] and r1["null"] == r2["null"]
+
+
+def test_a_stalled_rank_times_out_with_one_error(vpath, tmp_path):
+    """Rank 1 is frozen (SIGSTOP) after step 1: rank 0's next collective gives up after dist_timeout_s with one
+    sentence instead of hanging, and torchrun stops the job (rank 1 is thawed so it can take torchrun's SIGTERM)."""
+    t = TorchRun(2, "--config", FDR, "--out", str(tmp_path / "run"), *_sets(vpath, ["steps=20", "dist_timeout_s=5"]))
+    pid1 = int(t.wait_for(r"dist: rank 1/2 pid (\d+)").group(1))
+    t.wait_for(r"^TIMING step=1 ")
+    os.kill(pid1, signal.SIGSTOP)
+    try:
+        m = t.wait_for(r"pgrpo train: (rank 0 lost the other ranks .*)", timeout=60)
+    finally:
+        os.kill(pid1, signal.SIGCONT)
+    assert "no answer from the other ranks for 5s (dist_timeout_s)" in m.group(1)
+    assert t.finish(timeout=60) != 0
+    assert not _alive(pid1)
