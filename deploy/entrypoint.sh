@@ -16,7 +16,7 @@
 #   PGRPO_NPROC [1]               GPUs (ranks) of this run: > 1 launches `torchrun --nproc_per_node N
 #                                 --max-restarts 0 -m pgrpo train` (data parallel, docs/training.md)
 #   PGRPO_TORCHRUN_ARGS [--standalone]  rendezvous flags for multi-node, e.g.
-#                                 "--nnodes 2 --node_rank 0 --rdzv-backend c10d --rdzv-endpoint head:29400 --rdzv-id run1"
+#                                 "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint head:29400 --rdzv-id run1"
 #
 # Resume rule: a restarted container finds ckpt_*.safetensors in its run dir and continues it with
 # `pgrpo train --resume` (the run's own config.yaml is reused; only the socket and metrics settings are re-applied).

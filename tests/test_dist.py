@@ -259,3 +259,28 @@ def test_a_stalled_rank_times_out_with_one_error(vpath, tmp_path):
     assert "no answer from the other ranks for 5s (dist_timeout_s)" in m.group(1)
     assert t.finish(timeout=60) != 0
     assert not _alive(pid1)
+
+
+def test_two_nodes_through_the_c10d_rendezvous(two_ranks, vpath, tmp_path):
+    """Multi-node as torchrun does it: two torchrun agents (`--nnodes 2`, one rank each) meet at
+    a c10d rendezvous endpoint (here both on this host). Same world size and groups as the 1-node 2-rank run, so
+    the same arithmetic: delta_S is bitwise that run's."""
+    run = str(tmp_path / "run")
+    port = free_port()
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc_per_node", "1", "--max-restarts", "0", "--rdzv-backend", "c10d",
+                               "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "pgrpo-test",
+                               "-m", "pgrpo", "train", "--config", FDR, "--out", run, *_sets(vpath)],
+                              cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                              start_new_session=True) for _ in range(2)]
+    try:
+        outs = [p.communicate(timeout=300)[0] for p in nodes]
+    finally:
+        for p in nodes:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    assert [p.returncode for p in nodes] == [0, 0], "\n".join(o[-2000:] for o in outs)
+    assert sum("checkpoint: " in o for o in outs) == 1                        # only rank 0 wrote
+    _, ref, _, _ = ckpt.load(os.path.join(two_ranks["dir"], "ckpt_000004.safetensors"))
+    _, got, _, rows = ckpt.load(os.path.join(run, "ckpt_000004.safetensors"))
+    assert torch.equal(got["delta"], ref["delta"]) and [r["step"] for r in rows] == [1, 2, 3, 4]
