@@ -42,7 +42,8 @@ import torch
 
 from pgrpo.errors import UserError
 
-_ERR_KEY = "pgrpo/failed"
+def _err_key() -> str:   # one per torchrun attempt, so a restarted group never reads an old reason
+    return f"pgrpo/failed/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
 
 
 class RankFailed(UserError):
@@ -107,7 +108,7 @@ class Comm:
         store = self._store()
         if store is not None:
             try:
-                store.set(_ERR_KEY, f"rank {self.rank} stopped at step {self.step}: {_one_line(err)}")
+                store.set(_err_key(), f"rank {self.rank} stopped at step {self.step}: {_one_line(err)}")
             except Exception:
                 pass
 
@@ -117,8 +118,8 @@ class Comm:
         store = self._store()
         if store is not None:
             try:
-                if store.check([_ERR_KEY]):   # a failing rank writes it before it exits, so before we notice
-                    reason = store.get(_ERR_KEY).decode("utf-8", "replace")
+                if store.check([_err_key()]):   # a failing rank writes it before it exits, so before we notice
+                    reason = store.get(_err_key()).decode("utf-8", "replace")
             except Exception:
                 reason = None
         if reason:

@@ -6,10 +6,13 @@ distributed pieces on real gloo ranks with the real tiny model (no mocks). Rank 
    (project each rank's partial gradient, then sum).
 2. v_hack extraction with the pairs split across the ranks (rank 0 saves the result).
 3. the per-step error flag: rank 1 reports a failure at the exchange; both ranks must stop with its reason.
+4. a rank that fails elsewhere (say an OOM in backward) leaves its reason in the store and drops its
+   connections, as exiting does: rank 0's next collective fails and names rank 1's reason.
 """
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -22,7 +25,7 @@ from pgrpo.ops import pack_vhack
 
 out = sys.argv[1]
 torch.set_num_threads(1)
-comm = dist.init("cpu", timeout_s=120)
+comm = dist.init("cpu", timeout_s=60)
 assert comm.world == 2, comm.world
 model, tok = load_model("tiny", "float32", "cpu", seed=0)
 ad = SVDAdapter(model, mode="merged")
@@ -85,4 +88,19 @@ except UserError as e:
     msg = f"{type(e).__name__}: {e}"
 with open(os.path.join(out, f"exchange-rank{comm.rank}.txt"), "w") as f:
     f.write(msg)
-comm.close()
+
+# ---- 4. a failure outside the exchange
+comm.step = 9
+if comm.rank == 1:
+    comm.report_failure(RuntimeError("CUDA out of memory (on purpose)"))
+    comm.close()                      # its connections drop, as when the process exits
+    time.sleep(3)
+else:
+    try:
+        comm.reduce_grad(torch.zeros(4), [0.0])
+        msg = "no error"
+    except UserError as e:
+        msg = f"{type(e).__name__}: {e}"
+    with open(os.path.join(out, "lost-rank0.txt"), "w") as f:
+        f.write(msg)
+    comm.close()

@@ -177,6 +177,9 @@ def test_projection_runs_after_the_all_reduce(tmp_path):
     assert (tmp_path / "exchange-rank1.txt").read_text() == "UserError: the grader exploded on purpose"
     assert (tmp_path / "exchange-rank0.txt").read_text() == \
         "RankFailed: rank 1 stopped at step 7: the grader exploded on purpose (rank 0 stops too)"
+    # a failure elsewhere: rank 0's next collective fails and reports rank 1's own reason
+    assert (tmp_path / "lost-rank0.txt").read_text() == \
+        "RankFailed: rank 1 stopped at step 9: RuntimeError: CUDA out of memory (on purpose) (rank 0 stops too)"
 
 
 @pytest.mark.slow
