@@ -13,6 +13,10 @@
 #   PGRPO_VHACK []                v_hack file (arm.vhack_path); empty = the preset's own value
 #   PGRPO_METRICS_PORT [9400]     PGRPO_METRICS_LINGER [60] seconds /metrics stays up after the last step
 #   PGRPO_CACHE_DIR [/cache] (SVD cache under svd/)               PGRPO_JOBS_DIR [/app/jobs]
+#   PGRPO_NPROC [1]               GPUs (ranks) of this run: > 1 launches `torchrun --nproc_per_node N
+#                                 --max-restarts 0 -m pgrpo train` (data parallel, docs/training.md)
+#   PGRPO_TORCHRUN_ARGS [--standalone]  rendezvous flags for multi-node, e.g.
+#                                 "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint head:29400 --rdzv-id run1"
 #
 # Resume rule: a restarted container finds ckpt_*.safetensors in its run dir and continues it with
 # `pgrpo train --resume` (the run's own config.yaml is reused; only the socket and metrics settings are re-applied).
@@ -25,6 +29,18 @@ cache=${PGRPO_CACHE_DIR:-/cache}
 jobs=${PGRPO_JOBS_DIR:-/app/jobs}
 config=$jobs/$preset.yaml
 say() { echo "pgrpo-entrypoint: $*" >&2; }
+nproc=${PGRPO_NPROC:-1}
+case "$nproc" in
+''|*[!0-9]*|0*) say "PGRPO_NPROC must be a positive number of GPUs (ranks) per run, got '$nproc'"; exit 2 ;;
+esac
+# one process, or one torchrun over nproc ranks (a failed rank stops the run; the container restart resumes it)
+train_cmd() {
+    if [ "$nproc" -gt 1 ]; then
+        # shellcheck disable=SC2086  # the rendezvous flags are meant to split into words
+        exec torchrun ${PGRPO_TORCHRUN_ARGS:---standalone} --nproc_per_node "$nproc" --max-restarts 0 -m pgrpo train "$@"
+    fi
+    exec pgrpo train "$@"
+}
 
 cmd=${1:-train}
 [ $# -gt 0 ] && shift
@@ -41,14 +57,14 @@ train)
     fi
     if ls "$dir"/ckpt_*.safetensors >/dev/null 2>&1; then
         say "resuming $dir from its last checkpoint"
-        exec pgrpo train --resume "$dir" "$@"
+        train_cmd --resume "$dir" "$@"
     fi
     [ -f "$config" ] || { say "no preset $config (PGRPO_PRESET=$preset)"; exit 2; }
     if [ -n "${PGRPO_VHACK:-}" ]; then
         set -- --set "arm.vhack_path=$PGRPO_VHACK" "$@"
     fi
-    say "new run $dir (preset $preset, seed $seed)"
-    exec pgrpo train --config "$config" --out "$dir" --set "seed=$seed" --set "run_name=$run" \
+    say "new run $dir (preset $preset, seed $seed, $nproc rank(s))"
+    train_cmd --config "$config" --out "$dir" --set "seed=$seed" --set "run_name=$run" \
         --set "adapter.svd_cache_dir=$cache/svd" "$@"
     ;;
 extract)

@@ -222,7 +222,12 @@ def main(argv=None) -> int:
     ap.add_argument("--json", dest="json_path", help="write every number to this JSON file (rewritten after each section)")
     ap.add_argument("--sections", default="gen,loss,ops",
                     help="comma list of gen, loss, ops (default all; the GPU check times compile in its own run)")
+    ap.add_argument("--ranks", type=int, default=0,
+                    help="data parallelism instead: step time of the --config preset on 1 rank vs N torchrun ranks "
+                         "with the same global batch, and the gradient all-reduce's share")
     a = ap.parse_args(argv)
+    if a.ranks:
+        return bench_ranks(a)
     device = a.device if a.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     cuda = device.startswith("cuda")
     if cuda and not torch.cuda.is_available():
@@ -336,3 +341,69 @@ def _train_section(a, device, dtype):
 
 if __name__ == "__main__":
     raise SystemExit(main())
+
+
+# ----------------------------------------------------------------------------- --ranks N (data parallelism)
+
+def _run_rows(argv, run):
+    import json
+    import subprocess
+    import sys
+    p = subprocess.run([sys.executable, *argv], capture_output=True, text=True)
+    if p.returncode != 0:
+        raise UserError(f"the benchmark run failed (rc {p.returncode}): {(p.stdout + p.stderr).strip()[-600:]}")
+    with open(os.path.join(run, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def bench_ranks(a) -> int:
+    """The same global batch on 1 rank and on `--ranks` N (one torchrun, gloo on CPU / NCCL on GPUs): mean step
+    time per phase over the steps after the first (warm-up), the ratio, and the all-reduce's share of a step; then
+    the bare all-reduce of R fp32 floats for the run's R and for Qwen3-4B's (534,528)."""
+    import sys
+    n = a.ranks
+    if n < 2:
+        raise UserError("--ranks must be >= 2 (it compares 1 rank with N).")
+    if not os.path.isfile(a.config):
+        raise UserError(f"--config {a.config} does not exist (run from the repository root or pass --config PATH).")
+    steps = max(a.steps, 3) + 1
+    from pgrpo import config as C
+    cfg = C.load(a.config)
+    P = -(-cfg.data.prompts_per_step // n) * n              # rounded up to a multiple of N: equal shares
+    sets = [f"steps={steps}", "checkpoint_every=0", "metrics_port=0", f"data.prompts_per_step={P}",
+            f"rollout.groups_per_generate={P // n}", f"cpu_threads={a.threads}", f"device={a.device}"]
+    over = [x for s in sets for x in ("--set", s)]
+    phases = ("gen", "fwd_bwd", "reward", "project", "optim", "total")
+    print(f"bench step --ranks {n}: {os.path.basename(a.config)} with {P} prompts x G {cfg.rollout.group_size} per "
+          f"step ({P // n} groups per generate call), {cfg.rollout.max_new_tokens} max new tokens, {a.threads} "
+          f"thread(s) per rank, mean of steps 2..{steps}", flush=True)
+    mean = {}
+    for ranks in (1, n):
+        with tempfile.TemporaryDirectory(prefix="pgrpo-bench-ranks-") as d:
+            run = os.path.join(d, "run")
+            launch = (["-m", "pgrpo"] if ranks == 1 else
+                      ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
+                       "--max-restarts", "0", "-m", "pgrpo"])
+            rows = _run_rows([*launch, "train", "--config", a.config, "--out", run, *over], run)[1:]
+        m = {p: sum(r["timing"].get(p, 0.0) for r in rows) / len(rows) for p in (*phases, "exchange", "sync", "allreduce")}
+        mean[ranks] = m
+        extra = (f" | inside project: allreduce={m['allreduce'] * 1e3:.2f}ms ({m['allreduce'] / m['total']:.2%} of "
+                 f"the step), waiting for the slower rank={m['sync'] * 1e3:.1f}ms ({m['sync'] / m['total']:.1%}) | "
+                 f"inside reward: exchange of rollouts+results={m['exchange'] * 1e3:.1f}ms"
+                 if ranks > 1 else "")
+        print(f"RANKS {ranks}: " + " ".join(f"{p}={m[p]:.3f}s" for p in phases) + extra, flush=True)
+    print(f"RATIO step time 1 rank / {n} ranks = {mean[1]['total'] / mean[n]['total']:.2f}x "
+          f"(gen {mean[1]['gen'] / mean[n]['gen']:.2f}x, fwd_bwd {mean[1]['fwd_bwd'] / mean[n]['fwd_bwd']:.2f}x)")
+    import subprocess
+    from pgrpo.adapter import SVDAdapter
+    from pgrpo.model import load_model
+    R = SVDAdapter(load_model(cfg.model.name, seed=cfg.seed)[0]).R if cfg.model.name == "tiny" else None
+    for numel in [x for x in (R, 534528) if x]:
+        p = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n),
+                            "-m", "pgrpo.dist", "--numel", str(numel)], capture_output=True, text=True)
+        line = [ln for ln in p.stdout.splitlines() if ln.startswith("ALLREDUCE")]
+        print(line[0] if line else f"ALLREDUCE numel={numel}: failed ({p.stderr.strip()[-300:]})", flush=True)
+    if not torch.cuda.is_available() or torch.cuda.device_count() < 2:
+        print(f"note: {torch.cuda.device_count()} GPU(s) here: multi-GPU (NCCL) step times were not measurable on "
+              f"this machine; these are CPU ranks on gloo.")
+    return 0

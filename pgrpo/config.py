@@ -121,6 +121,7 @@ class Config:
     dtype: str = "auto"                # auto = bfloat16 on cuda, float32 on cpu
     cpu_threads: int = 0               # torch intra-op threads; 0 = torch's default (all cores)
     run_name: Optional[str] = None     # Prometheus `run` label; default = the run dir's name
+    dist_timeout_s: float = 1800.0     # torchrun runs: a collective that waits longer stops every rank
 
 
 # ----------------------------------------------------------------------------- (de)serialisation
@@ -364,6 +365,8 @@ def validate(cfg: Config, check_files: bool = True) -> None:
     choice("dtype", cfg.dtype, DTYPES)
     if cfg.cpu_threads < 0:
         bad("cpu_threads", "must be >= 0 (0 = torch's default)")
+    if cfg.dist_timeout_s <= 0:
+        bad("dist_timeout_s", "must be > 0 seconds")
 
 
 def dump_yaml(cfg: Config) -> str:

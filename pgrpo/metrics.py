@@ -62,8 +62,8 @@ class Metrics:
                 from pgrpo.errors import UserError
                 raise UserError(f"cannot serve metrics on port {port} ({e.strerror}); pick another --metrics-port.") from None
 
-    def grader_request(self, outcome: str) -> None:
-        self.grader.labels(**self.labels, outcome=outcome).inc()
+    def grader_request(self, outcome: str, n: int = 1) -> None:
+        self.grader.labels(**self.labels, outcome=outcome).inc(n)   # n > 1: another rank's outcomes (torchrun)
 
     def checkpoint_saved(self, ts: float | None = None) -> None:
         self.ckpt.labels(**self.labels).set(time.time() if ts is None else ts)

@@ -9,7 +9,9 @@ subprocess `python -m pgrpo train ...` with its own run directory. Why this shap
 - runs are ordered seed-major (vanilla s0, projected s0, vanilla s1, ...) so a sweep stopped half-way
   still holds matched pairs for the report;
 - GPUs: with `gpus: []` runs go one at a time on whatever device the trainer picks; with `gpus: [0, 1]`
-  one run per listed GPU at a time, pinned with CUDA_VISIBLE_DEVICES.
+  one run per listed GPU at a time, pinned with CUDA_VISIBLE_DEVICES; with GPU sets, `gpus: [[0,1,2,3],[4,5,6,7]]`,
+  one run per set at a time, each a `torchrun --standalone --nproc_per_node 4 --max-restarts 0` over its set
+  (data parallel, pgrpo/dist.py), so a run of the sweep uses 4 GPUs and two runs go side by side.
 State lives in the run dirs plus `<out>/sweep-state.json` (written temp + rename), which `status` reads.
 
 Sweep YAML (all keys; see jobs/sweep-full.yaml):
@@ -17,7 +19,8 @@ Sweep YAML (all keys; see jobs/sweep-full.yaml):
     out: runs/sweep-full        # sweep root; run dirs are <out>/<arm>-s<seed>
     seeds: [0, 1, 2]
     set: []                     # --set overrides for every run
-    gpus: []                    # [] = sequential; list of GPU ids = one run per GPU
+    gpus: []                    # [] = sequential; list of GPU ids = one run per GPU; list of GPU sets
+                                # ([[0,1],[2,3]]) = one torchrun per set, as many ranks as GPUs in it
     extract:                    # omit (or null) when no arm needs v_hack
       config: jobs/full-projected.yaml
       out: vhack.safetensors    # relative to <out> unless absolute
@@ -85,10 +88,17 @@ def load_sweep(path):
     if len(set(seeds)) != len(seeds):
         raise UserError(f"sweep key seeds lists a seed twice: {seeds}")
     gpus = d.get("gpus") or []
-    if not isinstance(gpus, list) or not all(isinstance(g, (int, str)) and not isinstance(g, bool) for g in gpus):
-        raise UserError(f"sweep key gpus must be a list of GPU ids, got {gpus!r}")
-    if len(set(map(str, gpus))) != len(gpus):
+
+    def gpu_id(g):
+        return isinstance(g, (int, str)) and not isinstance(g, bool) and str(g).strip() != ""
+    if not isinstance(gpus, list) or not all(gpu_id(g) or (isinstance(g, list) and g and all(map(gpu_id, g)))
+                                             for g in gpus):
+        raise UserError(f"sweep key gpus must be a list of GPU ids ([0, 1]) or of non-empty GPU sets "
+                        f"([[0, 1], [2, 3]]), got {gpus!r}")
+    flat = [str(x) for g in gpus for x in (g if isinstance(g, list) else [g])]
+    if len(set(flat)) != len(flat):
         raise UserError(f"sweep key gpus lists a GPU twice: {gpus}")
+    gpus = [",".join(str(x) for x in g) if isinstance(g, list) else g for g in gpus]   # a slot: "0" or "0,1,2,3"
     arms = d.get("arms")
     if not isinstance(arms, dict) or not arms:
         raise UserError("sweep key arms must map arm names to {config: preset.yaml, ...}")
@@ -326,12 +336,22 @@ def _kill_children():
                 pass
 
 
-def train_argv(run):
+def launcher(nproc=1):
+    """`python -m pgrpo` for one process; torchrun (standalone: its own free rendezvous port, so several
+    runs can share a host; --max-restarts 0: a failed rank stops the run, the sweep resumes it) for N ranks."""
+    if nproc <= 1:
+        return [sys.executable, "-m", "pgrpo"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc),
+            "--max-restarts", "0", "-m", "pgrpo"]
+
+
+def train_argv(run, nproc=1):
     """A fresh run gets its preset + overrides; a run with a checkpoint is continued with `--resume RUN_DIR`,
-    which reuses the resolved config.yaml the trainer saved there (so the overrides are not repeated)."""
+    which reuses the resolved config.yaml the trainer saved there (so the overrides are not repeated).
+    nproc > 1: one torchrun over that many ranks (a GPU set)."""
     if has_checkpoint(run["dir"]):
-        return [sys.executable, "-m", "pgrpo", "train", "--resume", run["dir"]]
-    argv = [sys.executable, "-m", "pgrpo", "train", "--config", run["config"], "--out", run["dir"]]
+        return launcher(nproc) + ["train", "--resume", run["dir"]]
+    argv = launcher(nproc) + ["train", "--config", run["config"], "--out", run["dir"]]
     for s in run["set"]:
         argv += ["--set", s]
     return argv
@@ -396,14 +416,16 @@ def extract(sw, state, seeds=None, dry_run=False, log=print):
 
 def run_one(sw, run, state, gpu=None, log=print):
     """Train (or resume) one run, then its after_run hook; the outcome goes to the state file."""
-    argv = train_argv(run)
+    nproc = len(gpu.split(",")) if gpu is not None else 1
+    argv = train_argv(run, nproc)
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
     logp = os.path.join(run["dir"], "sweep.log")
     attempts = state.get(run["name"]).get("attempts", 0) + 1
     resumed = "--resume" in argv
-    log(f"{run['name']}: {'resume' if resumed else 'start'}{'' if gpu is None else f' on GPU {gpu}'}")
+    where = "" if gpu is None else (f" on GPU {gpu}" if nproc == 1 else f" on GPUs {gpu} ({nproc} ranks)")
+    log(f"{run['name']}: {'resume' if resumed else 'start'}{where}")
     t0 = time.time()
     state.set(run["name"], status="running", arm=run["arm"], seed=run["seed"], dir=run["dir"], gpu=gpu,
               attempts=attempts, started=t0, log=logp, rc=None, error=None, resumed=resumed)
@@ -458,7 +480,7 @@ def run_sweep(sw, dry_run=False, log=print):
         prepare(sw, None, dry_run=True, log=log)
         extract(sw, None, dry_run=True, log=log)
         for run in todo:
-            log("would run: " + " ".join(train_argv(run)))
+            log("would run: " + " ".join(train_argv(run, len(sw["gpus"][0].split(",")) if sw["gpus"] else 1)))
             if sw["after_run"]:
                 log("     then: " + " ".join(after_argv(sw, run)))
         return 0

@@ -5,9 +5,13 @@
       -> loss fwd/bwd one group at a time -> collect delta_S grad (basis change) -> arm (projection)
       -> clip + AdamW -> re-merge -> metrics row + TIMING line -> checkpoint -> (optional v_hack refresh)
 
-Determinism: generation is seeded per step (seed * 1000003 + step), the data order is a seeded permutation
-stored in the checkpoint, and the grader is deterministic, so a run killed and resumed reaches the same
-delta_S as an uninterrupted one (bitwise on CPU; tests/test_train.py checks it).
+Determinism: generation is seeded per generate call from (seed, step, global group index), the data order is a
+seeded permutation stored in the checkpoint, and the grader is deterministic, so a run killed and resumed reaches
+the same delta_S as an uninterrupted one (bitwise on CPU; tests/test_train.py checks it).
+
+Data parallelism (`torchrun --nproc_per_node N -m pgrpo train`, pgrpo/dist.py): each rank takes its share of the
+step's groups; `comm.exchange` gives every rank the whole step's groups and results, `comm.reduce_grad` sums the
+delta_S gradient before the arm; rank 0 alone writes. On one process every `comm` call is an identity.
 """
 from __future__ import annotations
 
@@ -24,7 +28,7 @@ import torch
 
 from pgrpo import checkpoint as ckpt
 from pgrpo import config as C
-from pgrpo import grpo, rollout
+from pgrpo import dist, grpo, rollout
 from pgrpo.errors import UserError
 from pgrpo.grader.client import GraderLink
 from pgrpo.metrics import JsonlLog, Metrics, progress_line, timing_line
@@ -68,26 +72,17 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
     problems = problems[:len(problems) - n_eval]
     if cfg.data.max_problems:
         problems = problems[:cfg.data.max_problems]
-    os.makedirs(run_dir, exist_ok=True)   # only now: a run that fails validation leaves no empty directory
-    resume_from = None
-    if resume:
-        path = ckpt.latest(run_dir)
-        if path is None:
-            raise UserError(f"--resume {run_dir}: no checkpoint (ckpt_*.safetensors) in that directory.")
-        resume_from = ckpt.load(path)  # a corrupted file stops here, nothing is loaded
-    elif overwrite:  # start over: only the files a run writes, never anything else in the directory
-        for name in os.listdir(run_dir):
-            if name.startswith("ckpt_") or name in ("metrics.jsonl", "config.yaml"):
-                os.remove(os.path.join(run_dir, name))
-    elif ckpt.latest(run_dir) is not None:
-        raise UserError(f"{run_dir} already holds checkpoints; continue it with --resume {run_dir} or pick another --out.")
-    C.save(cfg, os.path.join(run_dir, "config.yaml"))
+    # torchrun: N ranks, one experiment (pgrpo/dist.py); rank 0 alone owns the run dir and hands every rank
+    # the checkpoint it resumes from
+    comm = dist.init(cfg.device, cfg.dist_timeout_s)
+    resume_from = comm.main_only(lambda: _prepare_run_dir(cfg, run_dir, resume, overwrite), "the run-dir set-up")
     teacher_pool = {}
     if cfg.teacher.pool and cfg.teacher.mix > 0:
         teacher_pool = (rollout.builtin_teacher_pool(problems, cfg.data.loophole) if cfg.teacher.pool == "builtin"
                         else rollout.load_teacher_pool(cfg.teacher.pool))
     run_name = cfg.run_name or os.path.basename(os.path.abspath(run_dir))
     device, dtype = resolve_device_dtype(cfg)
+    device = comm.device(device)
 
     # ---- model, adapter, optimizer
     t_load = time.perf_counter()
@@ -148,17 +143,22 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
     print(f"train: {cfg.model.name} on {device}/{dtype}, adapter {adapter.mode} {len(adapter.names)} modules R={adapter.R}, "
           f"arm {cfg.arm.name}, {len(problems)} problems (+{len(eval_problems)} held out), {P}x{Gs} rollouts/step, steps {start + 1}..{cfg.steps} "
           f"(loaded in {time.perf_counter() - t_load:.1f}s)", flush=True)
+    if comm.distributed:
+        lo, hi = comm.shard(P)
+        print(f"dist: rank {comm.rank}/{comm.world} pid {os.getpid()} {comm.backend} on {device}, groups {lo}..{hi - 1} "
+              f"of each step's {P}", flush=True)
 
-    metrics = Metrics(run_name, cfg.arm.name, cfg.seed, cfg.metrics_port)
-    log = JsonlLog(os.path.join(run_dir, "metrics.jsonl"), rows=rows if resume else [])
+    # rank 0 alone writes metrics rows and checkpoints and serves /metrics (rows over the whole global batch)
+    metrics = Metrics(run_name, cfg.arm.name, cfg.seed, cfg.metrics_port if comm.is_main else 0)
+    log = JsonlLog(os.path.join(run_dir, "metrics.jsonl"), rows=rows if resume else []) if comm.is_main else dist.NullLog()
     grader, finished = None, False
     old_handler = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
     try:
         grader = GraderLink(cfg.grader_socket, workers=cfg.grader_workers, time_limit=cfg.grader_time_limit_s,
                             request_items=cfg.data.prompts_per_step * cfg.rollout.group_size,
-                            on_outcome=metrics.grader_request)
+                            on_outcome=metrics.grader_request if comm.is_main else comm.count_outcome)
         if grader.pid is not None:
-            print(f"grader: local grader pid {grader.pid}", flush=True)
+            print(f"grader: local grader pid {grader.pid}{comm.tag()}", flush=True)
 
         def save_checkpoint(step):
             tensors = {"delta": adapter.delta.detach(), "data_order": torch.from_numpy(order)}
@@ -171,6 +171,7 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             path = ckpt.save(run_dir, step, tensors, C.to_dict(cfg), rows)
             metrics.checkpoint_saved()
             print(f"checkpoint: {path}", flush=True)
+            return path
 
         def evaluate(step):
             """Held-out evaluation: eval_samples sampled completions per held-out problem, graded; the route arm's
@@ -203,21 +204,34 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             for pg in opt.param_groups:
                 pg["lr"] = lr
 
-            # ---- rollout: G samples per prompt, seeded per step
+            # ---- rollout: G samples per prompt, seeded per group (seed, step, global group index); this
+            # rank's share [lo, hi) of the step's globally ordered groups (all of them on one rank)
             t0 = time.perf_counter()
+            comm.step = step
             idx = [int(i) for i in order[(step - 1) * P: step * P]]
-            torch.manual_seed(cfg.seed * 1000003 + step)
-            groups = rollout.generate_groups(model, tok, [prompt_ids[i] for i in idx], idx, cfg.rollout, device)
-            n_teacher = rollout.mix_teacher(groups, [p.id for p in problems], teacher_pool, cfg.teacher.mix, tok,
-                                            random.Random(cfg.seed * 1000003 + step))
-            tokens = sum(len(c) for grp in groups for c, t in zip(grp.completions, grp.teacher) if not t)
-            timing["gen"] = time.perf_counter() - t0
+            lo, hi = comm.shard(P)
+            my_groups, my_results, failure = [], [], None
+            try:
+                my_groups = dist.generate_shard(model, tok, [prompt_ids[i] for i in idx[lo:hi]], idx[lo:hi], lo,
+                                                cfg.rollout, device, cfg.seed, step)
+                n_teacher = dist.mix_teacher_global(my_groups, lo, idx, [p.id for p in problems], teacher_pool,
+                                                    cfg.teacher.mix, tok, random.Random(cfg.seed * 1000003 + step), Gs)
+                timing["gen"] = time.perf_counter() - t0
 
-            # ---- reward: every completion graded by the sandboxed grader
-            t0 = time.perf_counter()
-            items = [{"problem": problem_rows[grp.problem_index], "response": text, "mode": cfg.data.loophole,
-                      "id": f"{step}:{gi}:{j}"} for gi, grp in enumerate(groups) for j, text in enumerate(grp.texts)]
-            results = grader.grade(items)
+                # ---- reward: every completion graded by the sandboxed grader (this rank's own grader link)
+                t0 = time.perf_counter()
+                items = [{"problem": problem_rows[grp.problem_index], "response": text, "mode": cfg.data.loophole,
+                          "id": f"{step}:{lo + gi}:{j}"} for gi, grp in enumerate(my_groups) for j, text in enumerate(grp.texts)]
+                my_results = grader.grade(items) if items else []   # more ranks than groups: nothing to grade
+            except Exception as e:  # noqa: BLE001 -- on N ranks: reported to every rank below, all stop together
+                if not comm.distributed:
+                    raise
+                failure = e
+            # every rank gets the whole step's groups and results (the global batch); identity on one rank
+            groups, results = comm.exchange(my_groups, my_results, failure)
+            for outcome, n in comm.peer_outcomes():   # rank 0 counts the other ranks' grader requests too
+                metrics.grader_request(outcome, n)
+            tokens = sum(len(c) for grp in groups for c, t in zip(grp.completions, grp.teacher) if not t)
             rewards = torch.tensor([r["reward"] for r in results], dtype=torch.float32).view(len(groups), Gs)
             timing["reward"] = time.perf_counter() - t0
 
@@ -231,7 +245,7 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             adapter.zero_grad()
             loss_total, kl_total, clipped, n_scored = 0.0, 0.0, 0.0, 0
             for gi, grp in enumerate(groups):
-                if not keep[gi]:
+                if not keep[gi] or not lo <= gi < hi:   # skipped, or another rank's group
                     continue
                 for ids, attn, cmask, rows_ in rollout.micro_batches(grp, tok.pad_token_id, device, g.micro_batch, model):
                     ref = None
@@ -249,9 +263,11 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
                 adapter.accumulate_grad()   # bf16 G_W stacks -> fp32 delta_S grad once per group
             timing["fwd_bwd"] = time.perf_counter() - t0
 
-            # ---- gradient in the SVD basis, then the arm (vanilla / projected / route)
+            # ---- gradient in the SVD basis, summed over the ranks, THEN the arm (vanilla / projected / route):
+            # one-sided projection is not linear, so it must see the whole step's gradient
             t0 = time.perf_counter()
             grad = adapter.collect_grad()
+            grad, (loss_total, kl_total, clipped, n_scored) = comm.reduce_grad(grad, [loss_total, kl_total, clipped, n_scored])
             grad, grad_hack, pstats = grpo.project_grad(grad, cfg.arm, packed, g_offsets)
             timing["project"] = time.perf_counter() - t0
 
@@ -274,12 +290,14 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
                     V_new = extract_vhack(model, adapter, tok, load_pairs(cfg.arm.refresh_pairs),
                                           k=int(vhack_meta.get("k", 4)), cut=float(vhack_meta.get("cut", 0.25)),
                                           contrast=float(vhack_meta.get("contrast", 0.0)),
-                                          max_tokens=None if mt in ("None", "") else int(mt), seed=cfg.seed)
+                                          max_tokens=None if mt in ("None", "") else int(mt), seed=cfg.seed,
+                                          comm=comm)
                 refresh = {"vhack_overlap": vhack_overlap(V, V_new), "refresh_s": time.perf_counter() - t0}
                 V, packed = V_new, pack_vhack(adapter.names, adapter.ranks, V_new, device)
 
             # ---- metrics row, TIMING line, live line
             timing["total"] = time.perf_counter() - t_step
+            timing.update(comm.pop_timing())   # N ranks: exchange (in reward), sync + allreduce (in project)
             is_teacher = [t for grp in groups for t in grp.teacher]          # rates are over the policy's own samples
             policy = [r for r, t in zip(results, is_teacher) if not t] or results
             row = {"step": step, "lr": lr, "time": time.time(),
@@ -294,17 +312,22 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
                    **pstats, **ustats, **refresh, "timing": {k: round(v, 4) for k, v in timing.items()}}
             rows.append(row)
             log.write(row)
-            metrics.observe_step(row)
-            print(timing_line(row), flush=True)
-            print(progress_line(row, cfg.steps), flush=True)
+            if comm.is_main:
+                metrics.observe_step(row)
+                print(timing_line(row), flush=True)
+                print(progress_line(row, cfg.steps), flush=True)
 
-            if eval_problems and cfg.data.eval_every and (step % cfg.data.eval_every == 0 or step == cfg.steps):
+            if comm.is_main and eval_problems and cfg.data.eval_every and (step % cfg.data.eval_every == 0 or step == cfg.steps):
                 evaluate(step)
             if step == cfg.steps or (cfg.checkpoint_every and step % cfg.checkpoint_every == 0):
-                save_checkpoint(step)
+                comm.assert_same(adapter.delta, "delta_S")
+                comm.main_only(lambda: save_checkpoint(step), "the checkpoint save")
         if start >= cfg.steps:
             print(f"train: nothing to do, the run already reached step {cfg.steps}.", flush=True)
         finished = True
+    except BaseException as e:
+        comm.report_failure(e)   # on N ranks: the reason the others will report
+        raise
     finally:
         if grader is not None:
             grader.close()
@@ -315,8 +338,28 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
         metrics.close(linger)  # SIGTERM during the linger ends it early, cleanly
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
-    print(f"train: done, run dir {run_dir}", flush=True)
+        comm.close()
+    print(f"train: done, run dir {run_dir}{comm.tag()}", flush=True)
     return 0
+
+
+def _prepare_run_dir(cfg: C.Config, run_dir: str, resume: bool, overwrite: bool):
+    """Create/validate the run dir and load the checkpoint to resume from (rank 0 only on N ranks)."""
+    os.makedirs(run_dir, exist_ok=True)   # only now: a run that fails validation leaves no empty directory
+    resume_from = None
+    if resume:
+        path = ckpt.latest(run_dir)
+        if path is None:
+            raise UserError(f"--resume {run_dir}: no checkpoint (ckpt_*.safetensors) in that directory.")
+        resume_from = ckpt.load(path)  # a corrupted file stops here, nothing is loaded
+    elif overwrite:  # start over: only the files a run writes, never anything else in the directory
+        for name in os.listdir(run_dir):
+            if name.startswith("ckpt_") or name in ("metrics.jsonl", "config.yaml"):
+                os.remove(os.path.join(run_dir, name))
+    elif ckpt.latest(run_dir) is not None:
+        raise UserError(f"{run_dir} already holds checkpoints; continue it with --resume {run_dir} or pick another --out.")
+    C.save(cfg, os.path.join(run_dir, "config.yaml"))
+    return resume_from
 
 
 def _main_thread() -> bool:
@@ -349,7 +392,7 @@ def parse_args(argv):
 # is the experiment itself and must stay what the run started with (bitwise resume depends on it).
 RESUME_MUTABLE = frozenset({"steps", "checkpoint_every", "metrics_port", "metrics_linger_s", "grader_socket",
                             "grader_workers", "device", "cpu_threads", "run_name", "adapter.svd_cache_dir",
-                            "arm.vhack_path", "data.eval_every"})
+                            "arm.vhack_path", "data.eval_every", "dist_timeout_s"})
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

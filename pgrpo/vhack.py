@@ -89,8 +89,20 @@ def completion_grad(model, adapter, tokenizer, prompt, completion: str, max_toke
     return g
 
 
-def pair_grads(model, adapter, tokenizer, pairs, max_tokens: int | None = None, log=None):
-    """(G_hack, G_clean), each [n_pairs, R] on the CPU: g(hack_i) and g(clean_i), one backward each."""
+def pair_grads(model, adapter, tokenizer, pairs, max_tokens: int | None = None, log=None, comm=None):
+    """(G_hack, G_clean), each [n_pairs, R] on the CPU: g(hack_i) and g(clean_i), one backward each.
+
+    With `comm` (a `pgrpo.dist.Comm` on N ranks) each rank computes its contiguous share of the pairs and the
+    rows are gathered in pair order: every backward is isolated, so the rows are the 1-rank ones, bit for bit."""
+    if comm is not None and comm.distributed:
+        lo, hi = comm.shard(len(pairs))
+        if not pairs:
+            raise UserError("no pairs to extract v_hack from.")
+        mine = [torch.zeros(0, adapter.R)] * 2
+        if hi > lo:
+            mine = pair_grads(model, adapter, tokenizer, pairs[lo:hi], max_tokens, log)
+        return (comm.all_reduce_rows(mine[0], "the v_hack gradient gather"),
+                comm.all_reduce_rows(mine[1], "the v_hack gradient gather"))
     gh_rows, gc_rows = [], []
     t0 = time.time()
     for i, p in enumerate(pairs):
@@ -416,8 +428,10 @@ class _hack_knob_off:
 
 
 def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.25, heldout: float = 0.0,
-                   seed: int = 0, max_tokens: int | None = None, log=None, contrast: float = 0.0) -> Extraction:
-    """Gradients for every pair, fit on the fit split, report on the held-out split (if any)."""
+                   seed: int = 0, max_tokens: int | None = None, log=None, contrast: float = 0.0,
+                   comm=None) -> Extraction:
+    """Gradients for every pair (split over the ranks of `comm`, if given), fit on the fit split, report on
+    the held-out split (if any)."""
     t0 = time.time()
     pids = [p.get("problem_id") if isinstance(p, dict) else None for p in pairs]
     fit_idx, held_idx = split_pairs(len(pairs), heldout, seed, groups=pids if None not in pids else None)
@@ -425,7 +439,7 @@ def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.
     model.eval()  # no dropout: the gradient of the policy as it samples
     try:
         with _hack_knob_off(adapter):
-            GH, GC = pair_grads(model, adapter, tokenizer, pairs, max_tokens=max_tokens, log=log)
+            GH, GC = pair_grads(model, adapter, tokenizer, pairs, max_tokens=max_tokens, log=log, comm=comm)
     finally:
         model.train(was_training)
     D = GH - GC
@@ -433,6 +447,8 @@ def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.
     D_fit = D[fit_idx]
     N_fit = contrast_rows(GH, GC, fit_idx, seed) if contrast > 0 else None
     V, S = fit_vhack(D_fit, names, offsets, k=k, cut=cut, N=N_fit, contrast=contrast)
+    if comm is not None:   # rank 0's fit on every rank: the ranks must project against the very same v_hack
+        V, S = comm.broadcast((V, S), "the v_hack broadcast")
     report = {"n_pairs": len(pairs), "n_fit": len(fit_idx), "n_heldout": len(held_idx), "k": k, "cut": cut,
               "contrast": contrast, "seed": seed, "modules_total": len(names), "modules_kept": len(V),
               "directions_kept": int(sum(v.shape[0] for v in V.values()))}
@@ -453,11 +469,12 @@ def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.
 
 
 def extract_vhack(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.25, seed: int = 0,
-                  max_tokens: int | None = None, log=None, contrast: float = 0.0) -> dict:
+                  max_tokens: int | None = None, log=None, contrast: float = 0.0, comm=None) -> dict:
     """The trainer's refresh entry point: v_hack {name: V [k_m, r_m] fp32} from all pairs at the current
-    knobs (quarantine knob off). Leaves the adapter's grads cleared and its merge state as it found it."""
+    knobs (quarantine knob off). Leaves the adapter's grads cleared and its merge state as it found it.
+    With `comm` on N ranks the pairs are split across the ranks (see pair_grads)."""
     return run_extraction(model, adapter, tokenizer, pairs, k=k, cut=cut, heldout=0.0, seed=seed,
-                          max_tokens=max_tokens, log=log, contrast=contrast).V
+                          max_tokens=max_tokens, log=log, contrast=contrast, comm=comm).V
 
 
 # ----------------------------------------------------------------------------- file format
@@ -632,13 +649,18 @@ def cli(argv) -> int:
         if threads < 1:
             raise UserError(f"--threads must be >= 1, got {threads}.")
         torch.set_num_threads(threads)
+    from pgrpo import dist
+    comm = dist.init(device, cfg.dist_timeout_s)   # under torchrun: pairs split across the ranks, rank 0 writes
     t0 = time.time()
     model, adapter, tok = build_model_adapter(cfg)
     t_load = time.time() - t0
     log(f"extract: {cfg.model.name} on {device}/{dtype}, {len(adapter.names)} modules, R={adapter.R}, "
         f"{len(pairs)} pairs from {pairs_path} (loaded in {t_load:.1f}s)")
     ex = run_extraction(model, adapter, tok, pairs, k=a.k, cut=a.cut, heldout=a.heldout, seed=seed,
-                        max_tokens=a.max_tokens, log=log, contrast=a.contrast)
+                        max_tokens=a.max_tokens, log=log, contrast=a.contrast, comm=comm)
+    if not comm.is_main:
+        comm.close()
+        return 0
     ex.report.update({"seconds_extract": round(ex.seconds, 3), "seconds_load": round(t_load, 3),
                       "fit_pairs": ex.fit_idx, "heldout_pairs": ex.held_idx,
                       "metadata": meta, "out": os.fspath(a.out)})
@@ -652,4 +674,5 @@ def cli(argv) -> int:
     os.replace(tmp, rp)
     print(format_report(ex.report))
     print(f"extract: wrote {a.out} and {rp} ({ex.seconds:.1f}s extraction)")
+    comm.close()
     return 0

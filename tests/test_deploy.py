@@ -663,3 +663,35 @@ def test_grader_in_fresh_network_namespace_has_no_network(tmp_path):
         stop.set()
         t.join(timeout=5)
         listener.close()
+
+
+def test_compose_gpu_count_per_arm_reaches_the_entrypoint():
+    """PROJECTED_NGPU / VANILLA_NGPU: the GPUs (torchrun ranks) of each arm; *_GPU lists that many device ids."""
+    exe = need("docker-compose")
+    env = {k: v for k, v in os.environ.items() if k != "COMPOSE_FILE"}
+    for extra, want in (({}, ("1", "1", ["0"])), ({"PROJECTED_NGPU": "4", "PROJECTED_GPU": "0,1,2,3"}, ("4", "1", ["0,1,2,3"]))):
+        p = subprocess.run([exe, "-f", str(COMPOSE), "config"], cwd=REPO, capture_output=True, text=True, timeout=60,
+                           env=dict(env, **extra))
+        assert p.returncode == 0, p.stderr
+        svcs = yaml.safe_load(p.stdout)["services"]
+        assert str(svcs["train-projected"]["environment"]["PGRPO_NPROC"]) == want[0]
+        assert str(svcs["train-vanilla"]["environment"]["PGRPO_NPROC"]) == want[1]
+        (dev,) = svcs["train-projected"]["deploy"]["resources"]["reservations"]["devices"]
+        assert [str(d) for d in dev["device_ids"]] == want[2]
+
+
+def test_entrypoint_launches_torchrun_for_several_ranks(tmp_path):
+    """PGRPO_NPROC=2: the container's command becomes one 2-rank torchrun (gloo here, no GPU); a bad value is
+    one sentence and exit 2."""
+    env = dict(entrypoint_env(tmp_path, 0), PGRPO_NPROC="two")
+    p = subprocess.run(["sh", str(ENTRYPOINT), "train"], cwd=REPO, capture_output=True, text=True, timeout=60, env=env)
+    assert p.returncode == 2 and "PGRPO_NPROC must be a positive number" in p.stderr
+    env["PGRPO_NPROC"] = "2"
+    p = subprocess.run(["sh", str(ENTRYPOINT), "train", "--set", "steps=1", "--set", "data.prompts_per_step=2",
+                        "--set", "rollout.max_new_tokens=8", "--set", "checkpoint_every=0"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env=env)
+    out = p.stdout + p.stderr
+    assert p.returncode == 0, out[-3000:]
+    assert "2 rank(s)" in out and "dist: rank 0/2" in out and "dist: rank 1/2" in out
+    run = tmp_path / "runs" / "fast-dev-run-seed0"
+    assert [json.loads(ln)["step"] for ln in (run / "metrics.jsonl").read_text().splitlines()] == [1]

@@ -216,3 +216,33 @@ def test_after_run_failure_is_retried(tmp_path):
     lines = []
     S.run_sweep(sw, dry_run=True, log=lines.append)
     assert lines[0] == "vanilla-s0: finished, skipped"
+
+
+def test_gpu_sets_validate_and_plan_one_torchrun_per_set(tmp_path):
+    preset = tiny_preset(tmp_path)
+    for bad, msg in (([[0, 1], [1, 2]], "lists a GPU twice"), ([[]], "non-empty GPU sets"), ([[0, True]], "GPU sets")):
+        with pytest.raises(UserError, match=msg):
+            S.load_sweep(sweep_yaml(tmp_path, preset, gpus=bad))
+    sw = S.load_sweep(sweep_yaml(tmp_path, preset, seeds=[0], gpus=[[0, 1, 2, 3], [4, 5, 6, 7]]))
+    assert sw["gpus"] == ["0,1,2,3", "4,5,6,7"]
+    lines = []
+    S.run_sweep(sw, dry_run=True, log=lines.append)
+    assert any("torch.distributed.run --standalone --nproc_per_node 4 --max-restarts 0 -m pgrpo train" in ln
+               for ln in lines), lines
+
+
+@pytest.mark.slow
+def test_sweep_gpu_set_runs_one_torchrun_over_the_set(tmp_path):
+    """gpus: [[0, 1]]: the run is one 2-rank torchrun pinned to both (no GPU here: the ranks fall back to CPU and
+    gloo, which is the same code path as NCCL apart from the backend)."""
+    preset = tiny_preset(tmp_path, steps=2)
+    probe = "import os, sys; open(sys.argv[1] + '/gpu.txt', 'w').write(os.environ['CUDA_VISIBLE_DEVICES'])"
+    cfg = sweep_yaml(tmp_path, preset, seeds=[0], gpus=[[0, 1]], after_run=["{python}", "-c", probe, "{run}"])
+    p = subprocess.run([sys.executable, "-m", "pgrpo", "sweep", "--config", cfg], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    run = tmp_path / "sw" / "vanilla-s0"
+    assert (run / "gpu.txt").read_text() == "0,1" and (run / "SWEEP_DONE").exists()
+    log = (run / "sweep.log").read_text()
+    assert "dist: rank 0/2" in log and "dist: rank 1/2" in log and "on GPUs 0,1 (2 ranks)" in p.stdout
+    assert [json.loads(ln)["step"] for ln in open(run / "metrics.jsonl")] == [1, 2]
