@@ -16,7 +16,6 @@ down by `--scale`, default 8: hidden 320, 4 layers, 4 q / 1 kv heads of 128, int
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
