@@ -99,6 +99,12 @@ class TeacherConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False          # also write per-step scalars to RUN/tensorboard/ (needs the tensorboard package)
+    rollouts: bool = True              # save every completion to RUN/rollouts/step_NNNNNN.jsonl.gz
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -107,6 +113,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     arm: ArmConfig = field(default_factory=ArmConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     steps: int = 6
     seed: int = 0
     checkpoint_every: int = 25         # 0 = only at the end

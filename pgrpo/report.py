@@ -192,20 +192,20 @@ def _read_yaml(path):
 
 
 def _read_jsonl(path):
+    from pgrpo.files import utf8_lines
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                # A run killed mid-write leaves at most one torn last line; anything else is corruption.
-                if not line.endswith("\n"):
-                    break
-                raise UserError(f"{path}:{lineno}: invalid JSON row") from None
-            if isinstance(row, dict):
-                rows.append(row)
+    for lineno, line in enumerate(utf8_lines(path, "metrics file"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            # A run killed mid-write leaves at most one torn last line; anything else is corruption.
+            if not line.endswith("\n"):
+                break
+            raise UserError(f"{path}:{lineno}: invalid JSON row") from None
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
@@ -628,6 +628,8 @@ def cli(argv):
                     help=f"seeds per arm required for a verdict (default {MIN_SEEDS}, preregistered)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     a = ap.parse_args(argv)
+    from pgrpo.files import check_out_dir
+    check_out_dir(a.out)   # before any run is read
     rep = report(a.runs, out=a.out, window=a.window, min_seeds=a.min_seeds, plots=not a.no_plots)
     st = rep["stats"]
     print(f"verdict: {rep['verdict']} (R = {_fmt_pp(st['R'])}pp reduction, D = {_fmt_pp(st['D'], True)}pp pass)")

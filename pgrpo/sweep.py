@@ -185,7 +185,7 @@ def logged_steps(run_dir):
     """Distinct steps in metrics.jsonl (a torn last line from a kill is ignored)."""
     steps = set()
     try:
-        with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
                     row = json.loads(line)
@@ -396,6 +396,13 @@ def extract(sw, state, seeds=None, dry_run=False, log=print):
 
 def run_one(sw, run, state, gpu=None, log=print):
     """Train (or resume) one run, then its after_run hook; the outcome goes to the state file."""
+    from pgrpo.rundir import holder
+    pid = holder(run["dir"])
+    if pid is not None:   # another trainer (another sweep, or by hand) owns the dir: never run two on it
+        state.set(run["name"], status="failed", arm=run["arm"], seed=run["seed"], dir=run["dir"], rc=None,
+                  error=f"run directory in use by pid {pid}")
+        log(f"{run['name']}: run directory {run['dir']} is in use by another trainer (pid {pid}); not started")
+        return False
     argv = train_argv(run)
     env = dict(os.environ)
     if gpu is not None:
@@ -434,7 +441,8 @@ def _touch(path):
 
 def _on_term(signum, frame):
     """SIGTERM (e.g. from a batch scheduler) stops the sweep like Ctrl-C: children are stopped, state saved."""
-    raise KeyboardInterrupt()
+    from pgrpo.errors import Terminated
+    raise Terminated()
 
 
 def run_sweep(sw, dry_run=False, log=print):
@@ -606,8 +614,11 @@ def cli(argv):
     if sub == "status":
         print(format_status(sw))
         return 0
+    from pgrpo.errors import Terminated
     try:
         failed = run_sweep(sw, dry_run=a.dry_run)
+    except Terminated:
+        return 143
     except KeyboardInterrupt:
         return 130
     return 1 if failed else 0
