@@ -202,6 +202,9 @@ def test_resume_only_changes_runtime_keys(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     C.save(C.load(FDR), str(run / "config.yaml"))
+    # the checkpoint's config is what a resume is checked against (tests/test_lifecycle.py: an edited config.yaml)
+    ckpt.save(str(run), 2, {"delta": torch.zeros(3), "data_order": torch.arange(4), **ckpt.rng_state_tensors()},
+              C.to_dict(C.load(FDR)), [])
     for bad in ("grpo.lr=0.5", "seed=7", "arm.overshoot=2.0"):
         with pytest.raises(UserError, match=f"config key {bad.split('=')[0]} cannot change when resuming"):
             resolve(["--resume", str(run), "--set", bad])
