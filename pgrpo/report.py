@@ -604,6 +604,38 @@ def _jsonable(x):
     return x
 
 
+def saved_outputs_markdown(runs, per_arm=2):
+    """What the runs saved beside their metrics: example reward hacks per arm (RUN/rollouts/, the policy's own
+    samples, latest steps first) and the `pgrpo eval` summaries found under RUN/eval/."""
+    from pgrpo import rollouts
+    from pgrpo.evaluate import read_summaries
+    L = []
+    by_arm = {}
+    for r in runs:
+        by_arm.setdefault(r["arm"], []).extend(dict(x, run=r["name"]) for x in rollouts.examples(r["path"], n=per_arm))
+    if any(by_arm.values()):
+        L += ["", "## Example reward hacks per arm", "",
+              "The policy's own completions labelled reward_hack (loophole passed, ground truth failed), from "
+              "`RUN/rollouts/`; `pgrpo rollouts RUN --label reward_hack` lists them all.", ""]
+        for arm in sorted(by_arm):
+            ex = sorted(by_arm[arm], key=lambda x: -x["step"])[:per_arm]
+            L += [f"### {arm}", ""] + (["(no reward hack saved)", ""] if not ex else [])
+            for x in ex:
+                L += [f"{x['run']} step {x['step']}, problem {x['problem_id']} (reward {x['reward']}):", "",
+                      "~~~", x["text"].replace("~~~", "~ ~ ~"), "~~~", ""]
+    evals = [(r["name"], name, s) for r in runs for name, s in read_summaries(r["path"]).items()]
+    if evals:
+        L += ["", "## Evaluations (`pgrpo eval`)", "",
+              "| run | eval | mode | n | hack rate [95% CI] | pass rate [95% CI] |", "|---|---|---|---|---|---|"]
+        for run, name, s in evals:
+            for mode, m in s.get("modes", {}).items():
+                h, p = m["hack_rate_ci95"], m["pass_rate_ci95"]
+                L.append(f"| {run} | {name} | {mode} | {m['n']} | {m['hack_rate']:.3f} [{h[0]:.3f}, {h[1]:.3f}] "
+                         f"| {m['pass_rate']:.3f} [{p[0]:.3f}, {p[1]:.3f}] |")
+        L.append("")
+    return "\n".join(L)
+
+
 def report(paths, out="report", window=None, min_seeds=MIN_SEEDS, plots=True):
     """Library entry: read runs, write out/report.md, out/report.json and the plots; return the dict."""
     if window is not None and window < 1:
@@ -613,7 +645,7 @@ def report(paths, out="report", window=None, min_seeds=MIN_SEEDS, plots=True):
     os.makedirs(out, exist_ok=True)
     written = plot(runs, out) if plots else []
     _write_text(os.path.join(out, "report.json"), json.dumps(_jsonable(rep), indent=1) + "\n")
-    _write_text(os.path.join(out, "report.md"), render_markdown(rep, written))
+    _write_text(os.path.join(out, "report.md"), render_markdown(rep, written) + saved_outputs_markdown(runs))
     rep["files"] = ["report.md", "report.json"] + written
     return rep
 
