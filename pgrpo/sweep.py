@@ -32,6 +32,10 @@ Sweep YAML (all keys; see jobs/sweep-full.yaml):
                                 # they must be idempotent, e.g. [["{python}", "-m", "pgrpo.substrate", "build", ...]]
     after_run: []               # optional command run after each finished run, e.g.
                                 # ["{python}", "-m", "pgrpo.substrate", "heldout", "{run}"]
+    metrics_port_base: 0        # > 0: each running run serves /metrics on its own port (the lowest free one
+                                # >= this base), listed in <out>/prometheus-targets.json, a Prometheus
+                                # file-based service discovery file (one target per running run); 0 = off
+    metrics_host: localhost     # host name Prometheus reaches the runs at (written into the targets)
 `vhack: true` passes `--set arm.vhack_path=<extracted file>` (vanilla then logs what projection would have
 removed without applying it).
 """
@@ -52,7 +56,9 @@ from pgrpo.errors import UserError
 
 STATE_FILE = "sweep-state.json"
 DONE_FILE = "SWEEP_DONE"        # written into a run dir once its training (and after_run) succeeded
-SWEEP_KEYS = {"name", "out", "seeds", "set", "gpus", "prepare", "extract", "arms", "after_run"}
+SWEEP_KEYS = {"name", "out", "seeds", "set", "gpus", "prepare", "extract", "arms", "after_run",
+              "metrics_port_base", "metrics_host"}
+TARGETS_FILE = "prometheus-targets.json"
 ARM_KEYS = {"config", "set", "vhack"}
 EXTRACT_KEYS = {"config", "out", "set", "args", "per_seed"}
 
@@ -132,7 +138,14 @@ def load_sweep(path):
     prepare = [_strlist(c, f"prepare[{i}]") for i, c in enumerate(prepare)]
     if any(not c for c in prepare):
         raise UserError("sweep key prepare holds an empty command")
+    port_base = d.get("metrics_port_base", 0)
+    if isinstance(port_base, bool) or not isinstance(port_base, int) or not (port_base == 0 or 1024 <= port_base <= 65000):
+        raise UserError(f"sweep key metrics_port_base must be 0 (off) or a port in [1024, 65000], got {port_base!r}")
+    host = d.get("metrics_host", "localhost")
+    if not isinstance(host, str) or not host or ":" in host:
+        raise UserError(f"sweep key metrics_host must be a host name without a port, got {host!r}")
     return {"path": path, "name": str(name), "out": out, "seeds": seeds, "gpus": [str(g) for g in gpus],
+            "metrics_port_base": port_base, "metrics_host": host,
             "prepare": prepare,
             "set": _strlist(d.get("set"), "set"), "arms": norm_arms, "extract": ex,
             "after_run": _strlist(d.get("after_run"), "after_run")}
@@ -276,6 +289,59 @@ class State:
         return (self.d["extract"] if key.startswith("extract") else self.d["runs"]).get(key) or {}
 
 
+# ----------------------------------------------------------------------------------------- Prometheus targets
+class Targets:
+    """<out>/prometheus-targets.json: one file_sd target per running run. Ports: the lowest port >= the base that
+    no other running run of this sweep holds and that nothing else on this host listens on (checked by binding
+    it), taken under a lock, so concurrent runs never collide. Rewritten atomically on every change; Prometheus
+    re-reads it by itself (file_sd_configs). Target labels `sweep`, `sweep_run` only: the metrics carry their
+    own run/arm/seed labels, which a target label of the same name would rename."""
+
+    def __init__(self, sw):
+        self.path = os.path.join(sw["out"], TARGETS_FILE)
+        self.base, self.host, self.sweep = sw.get("metrics_port_base", 0), sw.get("metrics_host", "localhost"), sw["name"]
+        self.lock = threading.Lock()
+        self.ports = {}   # run name -> port
+        if self.base:
+            self._write()   # a sweep killed hard may have left targets of runs that are gone
+
+    def _free(self, port):
+        import socket
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+                return True
+            except OSError:
+                return False
+
+    def take(self, name):
+        if not self.base:
+            return None
+        with self.lock:
+            port = self.base
+            while port in self.ports.values() or not self._free(port):
+                port += 1
+            self.ports[name] = port
+            self._write()
+            return port
+
+    def drop(self, name):
+        if not self.base:
+            return
+        with self.lock:
+            self.ports.pop(name, None)
+            self._write()
+
+    def _write(self):
+        groups = [{"targets": [f"{self.host}:{port}"], "labels": {"sweep": self.sweep, "sweep_run": name}}
+                  for name, port in sorted(self.ports.items())]
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(groups, f, indent=1)
+        os.replace(tmp, self.path)
+
+
 # ----------------------------------------------------------------------------------------- running
 _children = set()
 _children_lock = threading.Lock()
@@ -394,7 +460,7 @@ def extract(sw, state, seeds=None, dry_run=False, log=print):
     return ready
 
 
-def run_one(sw, run, state, gpu=None, log=print):
+def run_one(sw, run, state, gpu=None, log=print, targets=None):
     """Train (or resume) one run, then its after_run hook; the outcome goes to the state file."""
     from pgrpo.rundir import holder
     pid = holder(run["dir"])
@@ -404,6 +470,9 @@ def run_one(sw, run, state, gpu=None, log=print):
         log(f"{run['name']}: run directory {run['dir']} is in use by another trainer (pid {pid}); not started")
         return False
     argv = train_argv(run)
+    port = targets.take(run["name"]) if targets is not None else None
+    if port is not None:
+        argv += ["--metrics-port", str(port)]
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -414,7 +483,11 @@ def run_one(sw, run, state, gpu=None, log=print):
     t0 = time.time()
     state.set(run["name"], status="running", arm=run["arm"], seed=run["seed"], dir=run["dir"], gpu=gpu,
               attempts=attempts, started=t0, log=logp, rc=None, error=None, resumed=resumed)
-    rc = _spawn(argv, logp, env=env, on_start=lambda p: state.set(run["name"], pid=p.pid))
+    try:
+        rc = _spawn(argv, logp, env=env, on_start=lambda p: state.set(run["name"], pid=p.pid, metrics_port=port))
+    finally:
+        if targets is not None:
+            targets.drop(run["name"])
     if rc == 0 and sw["after_run"]:
         rc = _spawn(after_argv(sw, run), logp, env=env, on_start=lambda p: state.set(run["name"], pid=p.pid))
         stage = "after_run"
@@ -492,6 +565,7 @@ def run_sweep(sw, dry_run=False, log=print):
             ready.append(run)
 
     slots = sw["gpus"] or [None]
+    targets = Targets(sw)
     queue = list(ready)
     qlock = threading.Lock()
 
@@ -501,7 +575,7 @@ def run_sweep(sw, dry_run=False, log=print):
                 if not queue:
                     return
                 run = queue.pop(0)
-            if not run_one(sw, run, state, gpu=gpu, log=log):
+            if not run_one(sw, run, state, gpu=gpu, log=log, targets=targets):
                 with qlock:
                     failed.append(run["name"])
 

@@ -14,13 +14,19 @@ import os
 from pgrpo.errors import UserError
 
 
+def check_tensorboard():
+    """A start-up check (before --overwrite deletes anything): the package the sink needs is importable."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise UserError("logging.tensorboard is true but the tensorboard package is not installed "
+                        "(pip install tensorboard, or set logging.tensorboard: false).") from None
+    return SummaryWriter
+
+
 class TensorBoardSink:
     def __init__(self, run_dir: str, start_step: int = 0):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:
-            raise UserError("logging.tensorboard is true but the tensorboard package is not installed "
-                            "(pip install tensorboard, or set logging.tensorboard: false).") from None
+        SummaryWriter = check_tensorboard()
         self.w = SummaryWriter(os.path.join(run_dir, "tensorboard"),
                                purge_step=start_step + 1 if start_step else None)
 

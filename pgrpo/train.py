@@ -148,6 +148,9 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
           f"arm {cfg.arm.name}, {len(problems)} problems (+{len(eval_problems)} held out), {P}x{Gs} rollouts/step, steps {start + 1}..{cfg.steps} "
           f"(loaded in {time.perf_counter() - t_load:.1f}s)", flush=True)
 
+    if cfg.logging.tensorboard:
+        from pgrpo.trackers import TensorBoardSink, check_tensorboard
+        check_tensorboard()
     metrics = Metrics(run_name, cfg.arm.name, cfg.seed, cfg.metrics_port)   # a busy port stops here
     grader, log, tb, finished = None, None, None, False
     old_handler = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
@@ -164,7 +167,6 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
         C.save(cfg, os.path.join(run_dir, "config.yaml"))
         log = JsonlLog(os.path.join(run_dir, "metrics.jsonl"), rows=rows if resume else [])
         if cfg.logging.tensorboard:
-            from pgrpo.trackers import TensorBoardSink
             tb = TensorBoardSink(run_dir, start)
 
         def save_checkpoint(step):
