@@ -36,6 +36,8 @@ Sweep YAML (all keys; see jobs/sweep-full.yaml):
                                 # >= this base), listed in <out>/prometheus-targets.json, a Prometheus
                                 # file-based service discovery file (one target per running run); 0 = off
     metrics_host: localhost     # host name Prometheus reaches the runs at (written into the targets)
+    metrics_targets: null       # the targets file (default <out>/prometheus-targets.json; compose's Prometheus
+                                # reads /runs/prometheus-targets/*.json)
 `vhack: true` passes `--set arm.vhack_path=<extracted file>` (vanilla then logs what projection would have
 removed without applying it).
 """
@@ -57,7 +59,7 @@ from pgrpo.errors import UserError
 STATE_FILE = "sweep-state.json"
 DONE_FILE = "SWEEP_DONE"        # written into a run dir once its training (and after_run) succeeded
 SWEEP_KEYS = {"name", "out", "seeds", "set", "gpus", "prepare", "extract", "arms", "after_run",
-              "metrics_port_base", "metrics_host"}
+              "metrics_port_base", "metrics_host", "metrics_targets"}
 TARGETS_FILE = "prometheus-targets.json"
 ARM_KEYS = {"config", "set", "vhack"}
 EXTRACT_KEYS = {"config", "out", "set", "args", "per_seed"}
@@ -144,8 +146,11 @@ def load_sweep(path):
     host = d.get("metrics_host", "localhost")
     if not isinstance(host, str) or not host or ":" in host:
         raise UserError(f"sweep key metrics_host must be a host name without a port, got {host!r}")
+    targets = d.get("metrics_targets") or os.path.join(out, TARGETS_FILE)
+    if not isinstance(targets, str):
+        raise UserError(f"sweep key metrics_targets must be a file path, got {targets!r}")
     return {"path": path, "name": str(name), "out": out, "seeds": seeds, "gpus": [str(g) for g in gpus],
-            "metrics_port_base": port_base, "metrics_host": host,
+            "metrics_port_base": port_base, "metrics_host": host, "metrics_targets": targets,
             "prepare": prepare,
             "set": _strlist(d.get("set"), "set"), "arms": norm_arms, "extract": ex,
             "after_run": _strlist(d.get("after_run"), "after_run")}
@@ -298,7 +303,7 @@ class Targets:
     own run/arm/seed labels, which a target label of the same name would rename."""
 
     def __init__(self, sw):
-        self.path = os.path.join(sw["out"], TARGETS_FILE)
+        self.path = sw.get("metrics_targets") or os.path.join(sw["out"], TARGETS_FILE)
         self.base, self.host, self.sweep = sw.get("metrics_port_base", 0), sw.get("metrics_host", "localhost"), sw["name"]
         self.lock = threading.Lock()
         self.ports = {}   # run name -> port
