@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from helpers import SHARED
+from helpers import SHARED, SHARED_MISSING
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 FDR = os.path.join(ROOT, "jobs", "fast-dev-run.yaml")
@@ -27,7 +27,7 @@ def read(out):
     return summary, rows
 
 
-@pytest.mark.skipif(not SHARED.is_file(), reason=f"shared dev rows not found at {SHARED} (set PGRPO_SHARED_DATA)")
+@pytest.mark.skipif(not SHARED.is_file(), reason=SHARED_MISSING)
 def test_eval_on_the_shared_dev_rows_in_both_modes(tmp_path):
     out = str(tmp_path / "ev")
     p = pgrpo("eval", "tiny", "--problems", str(SHARED), "--out", out, *FAST)

@@ -385,3 +385,15 @@ def test_entrypoint_does_not_restart_a_user_error(tmp_path):
     p = subprocess.run(["sh", ep, "train"], env=dict(env, PGRPO_PRESET="no-such-preset"), capture_output=True,
                        text=True, timeout=60, cwd=ROOT)
     assert p.returncode == 0 and "no preset" in p.stderr and "not restarting" in p.stderr
+
+
+# ----------------------------------------------------------------------------- help texts people rely on
+
+def test_help_texts():
+    p = pgrpo("bench", "--help")
+    assert p.returncode == 0 and "kernel" in p.stdout and "grader" in p.stdout and "step" in p.stdout
+    p = pgrpo("grade", "--help")
+    assert p.returncode == 0 and "default: none" in p.stdout and "default 5" in p.stdout
+    p = pgrpo("--help")
+    for cmd in ("rollouts", "export", "eval"):
+        assert f"  {cmd} " in p.stdout
