@@ -1,7 +1,6 @@
 """A run's life, for real: the lock, --overwrite after start-up checks, honest resume, outputs validated before work,
 no tracebacks for user mistakes, no orphan graders. Real `pgrpo` subprocesses, the tiny model, real grader children.
 """
-import gzip
 import json
 import os
 import re
@@ -16,7 +15,6 @@ import torch
 
 from helpers import free_port
 from pgrpo import checkpoint as ckpt
-from pgrpo import config as C
 from pgrpo.errors import UserError
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -308,7 +306,7 @@ def test_non_utf8_inputs_name_file_and_line(tmp_path, done_run):
     with open(os.path.join(d, "metrics.jsonl"), "ab") as f:
         f.write(b'{"step": 3, "note": "\x80"}\n')
     msg = one_sentence(pgrpo("report", d, "--out", str(tmp_path / "rep"), "--no-plots"))
-    assert f"metrics.jsonl:3: not UTF-8" in msg
+    assert "metrics.jsonl:3: not UTF-8" in msg
 
 
 def test_non_finite_vhack_is_refused_at_load(tmp_path):
