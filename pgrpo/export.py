@@ -64,7 +64,8 @@ def policy_from_run(run_dir: str, step: int | None = None, quarantine: bool = Fa
             raise UserError(f"{run_dir}: no checkpoint of step {step} (checkpointed steps: {have}).")
         step, tensors, cfg_d, _ = ckpt.load(path)
     cfg = C.from_dict(cfg_d, check_files=False)
-    _, dtype = resolve_device_dtype(cfg)
+    # the run's dtype, on the device asked for here (a run trained on cuda exports on a CPU-only machine too)
+    _, dtype = resolve_device_dtype(C.from_dict(dict(cfg_d, device=device), check_files=False))
     model, tok = load_model(cfg.model.name, dtype=dtype, device=device, seed=cfg.seed)
     ad = SVDAdapter(model, targets=tuple(cfg.adapter.targets), layers=cfg.adapter.layers, mode="merged",
                     cache_dir=cfg.adapter.svd_cache_dir, with_hack_knob=cfg.arm.name == "route")
