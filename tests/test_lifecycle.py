@@ -320,7 +320,7 @@ def test_non_finite_vhack_is_refused_at_load(tmp_path):
 
 # ----------------------------------------------------------------------------- no orphans
 
-@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM])
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM, signal.SIGINT])
 def test_trainer_death_leaves_no_grader_and_no_temp_dir(tmp_path, sig):
     d = str(tmp_path / "run")
     p = spawn("train", "--config", FDR, "--out", d, *QUICK, "--set", "steps=200")
@@ -334,7 +334,7 @@ def test_trainer_death_leaves_no_grader_and_no_temp_dir(tmp_path, sig):
     finally:
         if p.poll() is None:
             os.killpg(p.pid, signal.SIGKILL)
-    assert rc == (-signal.SIGKILL if sig == signal.SIGKILL else 143)
+    assert rc == {signal.SIGKILL: -signal.SIGKILL, signal.SIGTERM: 143, signal.SIGINT: 130}[sig]
     print(f"grader and its temp dir gone {took:.2f}s after the trainer's {signal.Signals(sig).name}")
 
 
