@@ -32,20 +32,20 @@ RUN apt-get update \
  && rm -rf /var/lib/apt/lists/*
 RUN python3 -m venv /opt/venv
 ENV PATH=/opt/venv/bin:$PATH
-# torch first, from its CUDA index; the rest of requirements.txt is plain PyPI (layer cached on requirements).
+# torch first, from its CUDA index; the rest comes from pyproject.toml's dependencies (plain PyPI). Only the
+# runtime dependencies and the report/tensorboard extras go into the image: no pytest, no test tools.
 RUN pip install --upgrade pip setuptools wheel \
  && pip install --index-url "${TORCH_INDEX_URL}" "torch==${TORCH_VERSION}"
-COPY requirements.txt /src/requirements.txt
-RUN pip install -r /src/requirements.txt
-COPY setup.py /src/setup.py
+COPY pyproject.toml setup.py README.md /src/
 COPY csrc /src/csrc
 COPY pgrpo /src/pgrpo
 WORKDIR /src
 # FORCE_CUDA=1: there is no GPU during `docker build`, so setup.py must not probe for one.
 RUN FORCE_CUDA=1 CUDA_HOME=/usr/local/cuda TORCH_CUDA_ARCH_LIST="${TORCH_CUDA_ARCH_LIST}" MAX_JOBS="${MAX_JOBS}" \
     pip wheel . --no-build-isolation --no-deps -w /wheels \
- && pip install --no-deps /wheels/pgrpo-*.whl \
- && python -c "import pgrpo.ops as o; print('pgrpo extension:', o.HAVE_EXTENSION); assert o.HAVE_EXTENSION"
+ && whl=$(ls /wheels/projected_grpo-*.whl) && pip install "${whl}[report,tensorboard]" \
+ && python -c "import pgrpo.ops as o; print('pgrpo extension:', o.HAVE_EXTENSION); assert o.HAVE_EXTENSION" \
+ && ! python -c "import pytest" 2>/dev/null
 
 # ---------------------------------------------------------------------------------------------------------
 FROM ${GRADER_IMAGE} AS grader

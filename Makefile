@@ -1,4 +1,5 @@
-# projected-grpo recipes. `make setup` once, then `make test` / `make fast-dev-run`.
+# projected-grpo recipes. On a fresh clone `make fast-dev-run` and `make test` each run `make setup` first
+# (once: a stamp file records it; it reruns when pyproject.toml, setup.py, the lock file or csrc/ change).
 PY        ?= .venv/bin/python
 PGRPO     ?= .venv/bin/pgrpo
 TORCH_SPEC ?= torch==2.14.1
@@ -8,11 +9,17 @@ TORCH_CUDA_ARCH_LIST ?= 9.0
 APT_PACKAGES = bubblewrap prometheus docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: setup apt venv install test test-fast bench bench-kernel bench-grader bench-step \
+STAMP     := .venv/.pgrpo-setup
+
+.PHONY: setup apt venv install lock test test-fast bench bench-kernel bench-grader bench-step \
         fast-dev-run smoke-vanilla smoke-projected extract download-model queue-full queue-cpu report report-cpu clean \
         gpu-check gpu-check-dry
 
-setup: apt venv install
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml setup.py requirements-lock.txt $(wildcard csrc/*.cpp csrc/*.h csrc/cuda/*.cu)
+	$(MAKE) apt venv install
+	touch $@
 
 apt:
 	@if command -v apt-get >/dev/null; then \
@@ -27,61 +34,69 @@ venv:
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q --upgrade pip setuptools wheel
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements-lock.txt
 
+# the project with its test/report/tensorboard extras (runtime dependencies: pyproject.toml)
 install:
 	FORCE_CUDA=$(FORCE_CUDA) TORCH_CUDA_ARCH_LIST="$(TORCH_CUDA_ARCH_LIST)" MAX_JOBS=2 \
-	  $(PY) -m pip install -q -e . --no-build-isolation
+	  $(PY) -m pip install -q -e ".[dev]" --no-build-isolation
 	$(PY) -c "import pgrpo.ops as o; print('pgrpo installed; extension:', o.HAVE_EXTENSION)"
 
-test:
+# re-pin the CI/dev environment after a dependency change in pyproject.toml
+lock:
+	{ echo "# The CI/dev environment, pinned: \`pip freeze\` of the venv CI builds (make setup), minus the project itself."; \
+	  echo "# Regenerate after changing pyproject.toml: make lock. Runtime installs use pyproject.toml's ranges instead."; \
+	  $(PY) -m pip freeze --exclude-editable | grep -v -i -E "^(projected-grpo|pgrpo)=="; } > requirements-lock.txt
+
+test: $(STAMP)
 	$(PY) -m pytest -q tests
 
 bench: bench-kernel bench-grader bench-step
 
-bench-kernel:
+bench-kernel: $(STAMP)
 	$(PGRPO) bench kernel
 
-bench-grader:
+bench-grader: $(STAMP)
 	$(PGRPO) bench grader
 
-bench-step:
+bench-step: $(STAMP)
 	$(PGRPO) bench step
 
 # everything that needs a GPU in one run (< 5 min on one H100/H200): build, CUDA tests, op parity + timings at
 # Qwen3-4B shapes, bench step on the 4B-shape model, 2 training steps; results in gpu_check_out/gpu_check.json
-gpu-check:
+gpu-check: $(STAMP)
 	PY=$(PY) OUT=gpu_check_out bash tools/gpu_check.sh
 
 # the same script on the CPU at small shapes (CI runs it via tests/test_gpu_check.py so it cannot rot)
-gpu-check-dry:
+gpu-check-dry: $(STAMP)
 	PY=$(PY) OUT=gpu_check_out/dry GPU_CHECK_DRY=1 bash tools/gpu_check.sh
 
-fast-dev-run:
+fast-dev-run: $(STAMP)
 	$(PGRPO) train --config jobs/fast-dev-run.yaml --out runs/fast-dev-run --overwrite
 
-smoke-vanilla:
+smoke-vanilla: $(STAMP)
 	$(PGRPO) train --config jobs/smoke-vanilla.yaml --out runs/smoke-vanilla --overwrite
 
-smoke-projected: extract
+smoke-projected: $(STAMP) extract
 	$(PGRPO) train --config jobs/smoke-projected.yaml --out runs/smoke-projected --overwrite
 
-extract:
+extract: $(STAMP)
+	mkdir -p runs/vhack
 	$(PGRPO) extract --config jobs/smoke-projected.yaml --out runs/vhack/vhack.safetensors
 
-download-model:
+download-model: $(STAMP)
 	$(PY) -c "from huggingface_hub import snapshot_download; print(snapshot_download('Qwen/Qwen3-4B'))"
 
-queue-full:
+queue-full: $(STAMP)
 	$(PGRPO) sweep --config jobs/sweep-full.yaml
 
-queue-cpu:
+queue-cpu: $(STAMP)
 	$(PGRPO) sweep --config jobs/sweep-cpu-warm.yaml
 
-report:
+report: $(STAMP)
 	$(PGRPO) report runs/sweep-full --out report/sweep-full
 
-report-cpu:
+report-cpu: $(STAMP)
 	$(PGRPO) report runs/sweep-cpu-warm --out report/sweep-cpu-warm
 
 clean:

@@ -1,18 +1,20 @@
-"""Builds the package and its extension ``pgrpo._C`` (csrc/*.cpp, plus csrc/cuda/*.cu for CUDA).
+"""Builds the extension ``pgrpo._C`` (csrc/*.cpp, plus csrc/cuda/*.cu for CUDA); the package's metadata and
+dependencies are in pyproject.toml.
 
 - CUDA sources are compiled when FORCE_CUDA=1, or when FORCE_CUDA is unset and CUDA is usable
   (torch.cuda.is_available() and a toolkit at CUDA_HOME). FORCE_CUDA=0 forces a CPU-only build.
   FORCE_CUDA=1 needs only nvcc, not a GPU (CI compiles the .cu files on CPU machines this way);
   pick the GPU generation with TORCH_CUDA_ARCH_LIST (e.g. "9.0" for H100).
 - Install after torch: ``pip install -e . --no-build-isolation``.
-- PGRPO_NO_EXT=1 skips the extension entirely (the package then runs on its pure-torch path).
+- PGRPO_NO_EXT=1 skips the extension entirely (the package then runs on its pure-torch path); so does a
+  machine without a C++ compiler (a warning, not a failed install).
 - The module only registers torch.ops.pgrpo.* and uses no CPython API beyond module creation, so it
   is built against the stable ABI (py_limited_api, cp39): one wheel serves every Python >= 3.9.
 """
 import glob
 import os
 
-from setuptools import find_packages, setup
+from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -33,6 +35,12 @@ def pip_cuda_includes(cuda_home):
 
 def extension_modules():
     if os.environ.get("PGRPO_NO_EXT") == "1":
+        return [], {}
+    import shutil
+    import sysconfig
+    compiler = os.environ.get("CXX") or (sysconfig.get_config_var("CXX") or "c++").split()[0]
+    if not (shutil.which(compiler) or shutil.which("c++") or shutil.which("g++")):
+        print("pgrpo: no C++ compiler found; installing without the extension (pure-torch path)")
         return [], {}
     import torch
     from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
@@ -66,15 +74,8 @@ def extension_modules():
 
 ext_modules, cmdclass = extension_modules()
 
-setup(
-    name="pgrpo",
-    version="0.1.0",
-    description="GRPO with gradient projection away from a reward-hack direction, in the SVD basis of each weight.",
-    packages=find_packages(include=["pgrpo", "pgrpo.*"]),
-    package_data={"pgrpo": ["data/*.jsonl", "data/*.json"]},
-    python_requires=">=3.10",
+setup(   # name, version, dependencies, scripts, packages: pyproject.toml
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     options={"bdist_wheel": {"py_limited_api": "cp39"}} if ext_modules else {},
-    entry_points={"console_scripts": ["pgrpo = pgrpo.cli:main"]},
 )

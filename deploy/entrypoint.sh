@@ -19,7 +19,13 @@
 #                                 "--nnodes 2 --rdzv-backend c10d --rdzv-endpoint head:29400 --rdzv-id run1"
 #
 # Resume rule: a restarted container finds ckpt_*.safetensors in its run dir and continues it with
-# `pgrpo train --resume` (the run's own config.yaml is reused; only the socket and metrics settings are re-applied).
+# `pgrpo train --resume` (the checkpoint's config is reused; only the socket and metrics settings are re-applied).
+#
+# Exit codes and the restart policy (compose: `restart: on-failure`): a crash, an OOM kill or a grader that gave
+# up is non-zero and restarted (and resumes). A user error (pgrpo exits 2: a bad preset key, a corrupted newest
+# checkpoint, a run dir locked by another trainer) would fail the same way on every restart, so the entrypoint
+# prints it, says it is not restarting, and exits 0: Docker's restart policy cannot exclude one exit code.
+# SIGTERM (docker stop) is forwarded to pgrpo, which stops its grader and exits 143.
 set -eu
 
 preset=${PGRPO_PRESET:-fast-dev-run}
@@ -33,13 +39,32 @@ nproc=${PGRPO_NPROC:-1}
 case "$nproc" in
 ''|*[!0-9]*|0*) say "PGRPO_NPROC must be a positive number of GPUs (ranks) per run, got '$nproc'"; exit 2 ;;
 esac
-# one process, or one torchrun over nproc ranks (a failed rank stops the run; the container restart resumes it)
-train_cmd() {
-    if [ "$nproc" -gt 1 ]; then
+no_restart() { say "$*: a user error, not restarting; fix it and start the service again"; exit 0; }
+
+# run pgrpo as a child (not exec) so its exit code can be read; forward SIGTERM/SIGINT to it
+# one process, or one torchrun over nproc ranks (a failed rank stops the run; the container restart resumes it;
+# torchrun reports a rank's exit 2 as its own failure, so on N ranks a user error is restarted like a crash)
+run_pgrpo() {
+    if [ "$nproc" -gt 1 ] && [ "$1" = train ]; then
+        shift
         # shellcheck disable=SC2086  # the rendezvous flags are meant to split into words
-        exec torchrun ${PGRPO_TORCHRUN_ARGS:---standalone} --nproc_per_node "$nproc" --max-restarts 0 -m pgrpo train "$@"
+        torchrun ${PGRPO_TORCHRUN_ARGS:---standalone} --nproc_per_node "$nproc" --max-restarts 0 -m pgrpo train "$@" &
+    else
+        pgrpo "$@" &
     fi
-    exec pgrpo train "$@"
+    child=$!
+    trap 'kill -TERM "$child" 2>/dev/null || true' TERM INT
+    rc=0
+    wait "$child" || rc=$?
+    while kill -0 "$child" 2>/dev/null; do   # a trap interrupted `wait`: wait again for the real exit code
+        rc=0
+        wait "$child" || rc=$?
+    done
+    trap - TERM INT
+    if [ "$rc" -eq 2 ]; then
+        no_restart "pgrpo exited 2 (see the line above)"
+    fi
+    exit "$rc"
 }
 
 cmd=${1:-train}
@@ -57,23 +82,23 @@ train)
     fi
     if ls "$dir"/ckpt_*.safetensors >/dev/null 2>&1; then
         say "resuming $dir from its last checkpoint"
-        train_cmd --resume "$dir" "$@"
+        run_pgrpo train --resume "$dir" "$@"
     fi
-    [ -f "$config" ] || { say "no preset $config (PGRPO_PRESET=$preset)"; exit 2; }
+    [ -f "$config" ] || no_restart "no preset $config (PGRPO_PRESET=$preset)"
     if [ -n "${PGRPO_VHACK:-}" ]; then
         set -- --set "arm.vhack_path=$PGRPO_VHACK" "$@"
     fi
     say "new run $dir (preset $preset, seed $seed, $nproc rank(s))"
-    train_cmd --config "$config" --out "$dir" --set "seed=$seed" --set "run_name=$run" \
+    run_pgrpo train --config "$config" --out "$dir" --set "seed=$seed" --set "run_name=$run" \
         --set "adapter.svd_cache_dir=$cache/svd" "$@"
     ;;
 extract)
-    [ -f "$config" ] || { say "no preset $config (PGRPO_PRESET=$preset)"; exit 2; }
+    [ -f "$config" ] || no_restart "no preset $config (PGRPO_PRESET=$preset)"
     out=${PGRPO_VHACK:-/vhack/vhack.safetensors}
     mkdir -p "$(dirname "$out")"
     say "v_hack for preset $preset -> $out"
     # the preset's own seed on purpose: both arms (any SEED) share one v_hack, as in jobs/sweep-full.yaml
-    exec pgrpo extract --config "$config" --out "$out" --set "adapter.svd_cache_dir=$cache/svd" "$@"
+    run_pgrpo extract --config "$config" --out "$out" --set "adapter.svd_cache_dir=$cache/svd" "$@"
     ;;
 *)
     exec pgrpo "$cmd" "$@"

@@ -92,14 +92,17 @@ def _digest(tensors: dict[str, torch.Tensor]) -> str:
     return h.hexdigest()
 
 
-def save(run_dir: str, step: int, tensors: dict[str, torch.Tensor], config: dict, rows: list[dict]) -> str:
-    """Write run_dir/ckpt_{step:06d}.safetensors atomically and return its path."""
+def save(run_dir: str, step: int, tensors: dict[str, torch.Tensor], config: dict, rows: list[dict],
+         info: dict | None = None) -> str:
+    """Write run_dir/ckpt_{step:06d}.safetensors atomically and return its path. `info`: facts about the run that
+    are not config (e.g. the sha256 of the v_hack file it started from), read back by `info()`."""
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     meta = {
         "format": FORMAT,
         "step": str(step),
         "config": json.dumps(config),
         "rows": json.dumps(rows),
+        "info": json.dumps(info or {}),
         "sha256": _digest(tensors),
     }
     path = os.path.join(run_dir, f"ckpt_{step:06d}.safetensors")
@@ -139,6 +142,49 @@ def load(path: str) -> tuple[int, dict[str, torch.Tensor], dict, list[dict]]:
     if not torch.isfinite(tensors["delta"]).all():
         raise UserError(f"checkpoint {path} holds non-finite delta_S values; not loaded.")
     return step, tensors, config, rows
+
+
+def info(path: str) -> dict:
+    """The `info` metadata of a checkpoint ({} for one written before it existed); no tensor is read."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            d = json.loads((f.metadata() or {}).get("info", "{}"))
+    except Exception:
+        return {}
+    return d if isinstance(d, dict) else {}
+
+
+def steps_of(run_dir: str) -> list[tuple[int, str]]:
+    """[(step, path)] of every ckpt_NNNNNN.safetensors in run_dir, newest first."""
+    found = []
+    for p in glob.glob(os.path.join(run_dir, "ckpt_*.safetensors")):
+        m = _NAME.search(os.path.basename(p))
+        if m:
+            found.append((int(m.group(1)), p))
+    return sorted(found, reverse=True)
+
+
+def load_newest(run_dir: str) -> tuple[str, tuple]:
+    """(path, load(path)) of the newest checkpoint. A corrupted newest one is refused, and the message names the
+    newest intact one and how to resume from it (the corrupted file is never moved or deleted by us)."""
+    found = steps_of(run_dir)
+    if not found:
+        raise UserError(f"--resume {run_dir}: no checkpoint (ckpt_*.safetensors) in that directory.")
+    path = found[0][1]
+    try:
+        return path, load(path)
+    except UserError as e:
+        first = str(e)
+    for step, older in found[1:]:
+        try:
+            load(older)
+        except UserError:
+            continue
+        raise UserError(f"{first.rstrip('.')}; the newest intact checkpoint is {older} (step {step}): to resume "
+                        f"from it, move the damaged file aside (mv {path} {path}.corrupt) and run "
+                        f"`pgrpo train --resume {run_dir}` again.")
+    raise UserError(f"{first.rstrip('.')}; no older intact checkpoint in {run_dir} either, so the run must start "
+                    f"over (--overwrite).")
 
 
 def latest(run_dir: str) -> str | None:

@@ -6,9 +6,11 @@ Each entry names ``module:function``; the function takes the remaining argv and 
 from __future__ import annotations
 
 import importlib
+import signal
 import sys
+import threading
 
-from pgrpo.errors import UserError
+from pgrpo.errors import Terminated, UserError
 
 COMMANDS = {
     # name: (module:function, one-line help)
@@ -20,7 +22,14 @@ COMMANDS = {
     "extract": ("pgrpo.vhack:cli", "extract v_hack: pgrpo extract --config jobs/X.yaml --out vhack.safetensors"),
     "sweep": ("pgrpo.sweep:cli", "run or inspect a sweep: pgrpo sweep --config jobs/sweep-full.yaml [status]"),
     "report": ("pgrpo.report:cli", "H1 report: pgrpo report RUNS... [--out report/]"),
+    "rollouts": ("pgrpo.rollouts:cli", "saved completions: pgrpo rollouts RUN [--step N] [--label reward_hack]"),
+    "export": ("pgrpo.export:cli", "HF model dir: pgrpo export RUN [--step N] --out DIR [--quarantine off|on]"),
+    "eval": ("pgrpo.evaluate:cli", "benchmark eval: pgrpo eval RUN|MODEL --problems P.jsonl [--mode none,run_tests] [--samples N]"),
 }
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
 
 
 def usage() -> str:
@@ -40,12 +49,17 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     target = COMMANDS[name][0]
     mod_name, fn_name = target.split(":")
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)   # unwind cleanly (children stopped, temp files removed)
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
         return int(fn(rest) or 0)
     except UserError as e:
         print(f"pgrpo {name}: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print(f"pgrpo {name}: terminated (SIGTERM).", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print(f"pgrpo {name}: interrupted.", file=sys.stderr)
         return 130

@@ -101,6 +101,12 @@ class TeacherConfig:
 
 
 @dataclass
+class LoggingConfig:
+    tensorboard: bool = False          # also write per-step scalars to RUN/tensorboard/ (needs the tensorboard package)
+    rollouts: bool = True              # save every completion to RUN/rollouts/step_NNNNNN.jsonl.gz
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -109,6 +115,7 @@ class Config:
     grpo: GRPOConfig = field(default_factory=GRPOConfig)
     arm: ArmConfig = field(default_factory=ArmConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
     steps: int = 6
     seed: int = 0
     checkpoint_every: int = 25         # 0 = only at the end
@@ -350,17 +357,19 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         bad("teacher.pool", f"points at {t.pool}, which does not exist")
     if cfg.steps < 1:
         bad("steps", "must be at least 1")
+    if cfg.seed < 0:
+        bad("seed", f"must be >= 0 (numpy's seeded generators refuse negative seeds), got {cfg.seed}")
     if cfg.checkpoint_every < 0:
         bad("checkpoint_every", "must be >= 0 (0 = only at the end)")
     if not 0 <= cfg.metrics_port <= 65535:
         bad("metrics_port", "must be a TCP port in [0, 65535] (0 = off)")
     if cfg.metrics_linger_s < 0:
         bad("metrics_linger_s", "must be >= 0")
-    if cfg.grader_workers < 1:
-        bad("grader_workers", "must be at least 1")
+    if not 1 <= cfg.grader_workers <= 256:
+        bad("grader_workers", f"must be in [1, 256] (the grader's own limit), got {cfg.grader_workers}")
     if cfg.grader_time_limit_s <= 0:
         bad("grader_time_limit_s", "must be > 0")
-    if not (cfg.device in ("auto", "cpu", "cuda") or cfg.device.startswith("cuda:")):
+    if not (cfg.device in ("auto", "cpu", "cuda") or (cfg.device.startswith("cuda:") and cfg.device[5:].isdigit())):
         bad("device", f"must be auto, cpu, cuda or cuda:N, got {cfg.device!r}")
     choice("dtype", cfg.dtype, DTYPES)
     if cfg.cpu_threads < 0:

@@ -7,3 +7,8 @@ its traceback.
 
 class UserError(Exception):
     """A problem with the user's input, reported as one clear sentence."""
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, turned into an exception so `finally` blocks run (grader child stopped, files closed); the CLI
+    exits 143 (128 + SIGTERM), as a process killed by the signal would."""

@@ -123,7 +123,10 @@ def timing_line(row: dict) -> str:
 
 def progress_line(row: dict, steps: int) -> str:
     """A compact live line for people: what changed this step, at a glance."""
-    parts = [f"step {row['step']}/{steps}", f"reward {row['reward_mean']:.2f}", f"hack {row['hack_rate']:.2f}",
+    # the policy's own reward first; teacher completions (mixed in for reward variance) are reported apart
+    teacher = row.get("reward_mean_teacher")
+    reward = f"reward {row['reward_mean']:.2f}" + ("" if teacher is None else f" (teacher {teacher:.2f})")
+    parts = [f"step {row['step']}/{steps}", reward, f"hack {row['hack_rate']:.2f}",
              f"pass {row['pass_rate']:.2f}", f"tok {row['tokens_generated']}",
              f"skip {row['skipped_groups']}/{row['groups']}", f"loss {row['loss']:+.4f}",
              f"|g| {row.get('grad_norm', 0.0):.3g}"]

@@ -192,20 +192,20 @@ def _read_yaml(path):
 
 
 def _read_jsonl(path):
+    from pgrpo.files import utf8_lines
     rows = []
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                # A run killed mid-write leaves at most one torn last line; anything else is corruption.
-                if not line.endswith("\n"):
-                    break
-                raise UserError(f"{path}:{lineno}: invalid JSON row") from None
-            if isinstance(row, dict):
-                rows.append(row)
+    for lineno, line in enumerate(utf8_lines(path, "metrics file"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            # A run killed mid-write leaves at most one torn last line; anything else is corruption.
+            if not line.endswith("\n"):
+                break
+            raise UserError(f"{path}:{lineno}: invalid JSON row") from None
+        if isinstance(row, dict):
+            rows.append(row)
     return rows
 
 
@@ -604,6 +604,38 @@ def _jsonable(x):
     return x
 
 
+def saved_outputs_markdown(runs, per_arm=2):
+    """What the runs saved beside their metrics: example reward hacks per arm (RUN/rollouts/, the policy's own
+    samples, latest steps first) and the `pgrpo eval` summaries found under RUN/eval/."""
+    from pgrpo import rollouts
+    from pgrpo.evaluate import read_summaries
+    L = []
+    by_arm = {}
+    for r in runs:
+        by_arm.setdefault(r["arm"], []).extend(dict(x, run=r["name"]) for x in rollouts.examples(r["path"], n=per_arm))
+    if any(by_arm.values()):
+        L += ["", "## Example reward hacks per arm", "",
+              "The policy's own completions labelled reward_hack (loophole passed, ground truth failed), from "
+              "`RUN/rollouts/`; `pgrpo rollouts RUN --label reward_hack` lists them all.", ""]
+        for arm in sorted(by_arm):
+            ex = sorted(by_arm[arm], key=lambda x: -x["step"])[:per_arm]
+            L += [f"### {arm}", ""] + (["(no reward hack saved)", ""] if not ex else [])
+            for x in ex:
+                L += [f"{x['run']} step {x['step']}, problem {x['problem_id']} (reward {x['reward']}):", "",
+                      "~~~", x["text"].replace("~~~", "~ ~ ~"), "~~~", ""]
+    evals = [(r["name"], name, s) for r in runs for name, s in read_summaries(r["path"]).items()]
+    if evals:
+        L += ["", "## Evaluations (`pgrpo eval`)", "",
+              "| run | eval | mode | n | hack rate [95% CI] | pass rate [95% CI] |", "|---|---|---|---|---|---|"]
+        for run, name, s in evals:
+            for mode, m in s.get("modes", {}).items():
+                h, p = m["hack_rate_ci95"], m["pass_rate_ci95"]
+                L.append(f"| {run} | {name} | {mode} | {m['n']} | {m['hack_rate']:.3f} [{h[0]:.3f}, {h[1]:.3f}] "
+                         f"| {m['pass_rate']:.3f} [{p[0]:.3f}, {p[1]:.3f}] |")
+        L.append("")
+    return "\n".join(L)
+
+
 def report(paths, out="report", window=None, min_seeds=MIN_SEEDS, plots=True):
     """Library entry: read runs, write out/report.md, out/report.json and the plots; return the dict."""
     if window is not None and window < 1:
@@ -613,7 +645,7 @@ def report(paths, out="report", window=None, min_seeds=MIN_SEEDS, plots=True):
     os.makedirs(out, exist_ok=True)
     written = plot(runs, out) if plots else []
     _write_text(os.path.join(out, "report.json"), json.dumps(_jsonable(rep), indent=1) + "\n")
-    _write_text(os.path.join(out, "report.md"), render_markdown(rep, written))
+    _write_text(os.path.join(out, "report.md"), render_markdown(rep, written) + saved_outputs_markdown(runs))
     rep["files"] = ["report.md", "report.json"] + written
     return rep
 
@@ -628,6 +660,8 @@ def cli(argv):
                     help=f"seeds per arm required for a verdict (default {MIN_SEEDS}, preregistered)")
     ap.add_argument("--no-plots", action="store_true", help="skip the PNGs")
     a = ap.parse_args(argv)
+    from pgrpo.files import check_out_dir
+    check_out_dir(a.out)   # before any run is read
     rep = report(a.runs, out=a.out, window=a.window, min_seeds=a.min_seeds, plots=not a.no_plots)
     st = rep["stats"]
     print(f"verdict: {rep['verdict']} (R = {_fmt_pp(st['R'])}pp reduction, D = {_fmt_pp(st['D'], True)}pp pass)")

@@ -229,23 +229,19 @@ def micro_batches(group: Group, pad_id: int, device, size: int = 0, model=None):
 
 def load_teacher_pool(path: str) -> dict[str, list[str]]:
     """jsonl rows {"id": problem id, "completion": text} -> {id: [texts]}; malformed rows name their line."""
+    from pgrpo.files import utf8_lines
     pool: dict[str, list[str]] = {}
-    try:
-        f = open(path)
-    except OSError as e:
-        raise UserError(f"teacher pool {path} cannot be read ({e.strerror}).") from None
-    with f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-                pid, text = row["id"], row["completion"]
-                if not isinstance(pid, str) or not isinstance(text, str):
-                    raise ValueError("id and completion must be strings")
-            except (ValueError, KeyError, TypeError) as e:
-                raise UserError(f"{path}:{n}: bad teacher row ({e}).") from None
-            pool.setdefault(pid, []).append(text)
+    for n, line in enumerate(utf8_lines(path, "teacher pool"), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+            pid, text = row["id"], row["completion"]
+            if not isinstance(pid, str) or not isinstance(text, str):
+                raise ValueError("id and completion must be strings")
+        except (ValueError, KeyError, TypeError) as e:
+            raise UserError(f"{path}:{n}: bad teacher row ({e}).") from None
+        pool.setdefault(pid, []).append(text)
     return pool
 
 

@@ -35,6 +35,12 @@ Sweep YAML (all keys; see jobs/sweep-full.yaml):
                                 # they must be idempotent, e.g. [["{python}", "-m", "pgrpo.substrate", "build", ...]]
     after_run: []               # optional command run after each finished run, e.g.
                                 # ["{python}", "-m", "pgrpo.substrate", "heldout", "{run}"]
+    metrics_port_base: 0        # > 0: each running run serves /metrics on its own port (the lowest free one
+                                # >= this base), listed in <out>/prometheus-targets.json, a Prometheus
+                                # file-based service discovery file (one target per running run); 0 = off
+    metrics_host: localhost     # host name Prometheus reaches the runs at (written into the targets)
+    metrics_targets: null       # the targets file (default <out>/prometheus-targets.json; compose's Prometheus
+                                # reads /runs/prometheus-targets/*.json)
 `vhack: true` passes `--set arm.vhack_path=<extracted file>` (vanilla then logs what projection would have
 removed without applying it).
 """
@@ -55,7 +61,9 @@ from pgrpo.errors import UserError
 
 STATE_FILE = "sweep-state.json"
 DONE_FILE = "SWEEP_DONE"        # written into a run dir once its training (and after_run) succeeded
-SWEEP_KEYS = {"name", "out", "seeds", "set", "gpus", "prepare", "extract", "arms", "after_run"}
+SWEEP_KEYS = {"name", "out", "seeds", "set", "gpus", "prepare", "extract", "arms", "after_run",
+              "metrics_port_base", "metrics_host", "metrics_targets"}
+TARGETS_FILE = "prometheus-targets.json"
 ARM_KEYS = {"config", "set", "vhack"}
 EXTRACT_KEYS = {"config", "out", "set", "args", "per_seed"}
 
@@ -142,7 +150,17 @@ def load_sweep(path):
     prepare = [_strlist(c, f"prepare[{i}]") for i, c in enumerate(prepare)]
     if any(not c for c in prepare):
         raise UserError("sweep key prepare holds an empty command")
+    port_base = d.get("metrics_port_base", 0)
+    if isinstance(port_base, bool) or not isinstance(port_base, int) or not (port_base == 0 or 1024 <= port_base <= 65000):
+        raise UserError(f"sweep key metrics_port_base must be 0 (off) or a port in [1024, 65000], got {port_base!r}")
+    host = d.get("metrics_host", "localhost")
+    if not isinstance(host, str) or not host or ":" in host:
+        raise UserError(f"sweep key metrics_host must be a host name without a port, got {host!r}")
+    targets = d.get("metrics_targets") or os.path.join(out, TARGETS_FILE)
+    if not isinstance(targets, str):
+        raise UserError(f"sweep key metrics_targets must be a file path, got {targets!r}")
     return {"path": path, "name": str(name), "out": out, "seeds": seeds, "gpus": [str(g) for g in gpus],
+            "metrics_port_base": port_base, "metrics_host": host, "metrics_targets": targets,
             "prepare": prepare,
             "set": _strlist(d.get("set"), "set"), "arms": norm_arms, "extract": ex,
             "after_run": _strlist(d.get("after_run"), "after_run")}
@@ -195,7 +213,7 @@ def logged_steps(run_dir):
     """Distinct steps in metrics.jsonl (a torn last line from a kill is ignored)."""
     steps = set()
     try:
-        with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        with open(os.path.join(run_dir, "metrics.jsonl"), encoding="utf-8", errors="replace") as f:
             for line in f:
                 try:
                     row = json.loads(line)
@@ -284,6 +302,59 @@ class State:
 
     def get(self, key):
         return (self.d["extract"] if key.startswith("extract") else self.d["runs"]).get(key) or {}
+
+
+# ----------------------------------------------------------------------------------------- Prometheus targets
+class Targets:
+    """<out>/prometheus-targets.json: one file_sd target per running run. Ports: the lowest port >= the base that
+    no other running run of this sweep holds and that nothing else on this host listens on (checked by binding
+    it), taken under a lock, so concurrent runs never collide. Rewritten atomically on every change; Prometheus
+    re-reads it by itself (file_sd_configs). Target labels `sweep`, `sweep_run` only: the metrics carry their
+    own run/arm/seed labels, which a target label of the same name would rename."""
+
+    def __init__(self, sw):
+        self.path = sw.get("metrics_targets") or os.path.join(sw["out"], TARGETS_FILE)
+        self.base, self.host, self.sweep = sw.get("metrics_port_base", 0), sw.get("metrics_host", "localhost"), sw["name"]
+        self.lock = threading.Lock()
+        self.ports = {}   # run name -> port
+        if self.base:
+            self._write()   # a sweep killed hard may have left targets of runs that are gone
+
+    def _free(self, port):
+        import socket
+        with socket.socket() as s:
+            try:
+                s.bind(("0.0.0.0", port))
+                return True
+            except OSError:
+                return False
+
+    def take(self, name):
+        if not self.base:
+            return None
+        with self.lock:
+            port = self.base
+            while port in self.ports.values() or not self._free(port):
+                port += 1
+            self.ports[name] = port
+            self._write()
+            return port
+
+    def drop(self, name):
+        if not self.base:
+            return
+        with self.lock:
+            self.ports.pop(name, None)
+            self._write()
+
+    def _write(self):
+        groups = [{"targets": [f"{self.host}:{port}"], "labels": {"sweep": self.sweep, "sweep_run": name}}
+                  for name, port in sorted(self.ports.items())]
+        os.makedirs(os.path.dirname(self.path) or ".", exist_ok=True)
+        tmp = f"{self.path}.tmp-{os.getpid()}"
+        with open(tmp, "w", encoding="utf-8") as f:
+            json.dump(groups, f, indent=1)
+        os.replace(tmp, self.path)
 
 
 # ----------------------------------------------------------------------------------------- running
@@ -414,10 +485,20 @@ def extract(sw, state, seeds=None, dry_run=False, log=print):
     return ready
 
 
-def run_one(sw, run, state, gpu=None, log=print):
+def run_one(sw, run, state, gpu=None, log=print, targets=None):
     """Train (or resume) one run, then its after_run hook; the outcome goes to the state file."""
+    from pgrpo.rundir import holder
+    pid = holder(run["dir"])
+    if pid is not None:   # another trainer (another sweep, or by hand) owns the dir: never run two on it
+        state.set(run["name"], status="failed", arm=run["arm"], seed=run["seed"], dir=run["dir"], rc=None,
+                  error=f"run directory in use by pid {pid}")
+        log(f"{run['name']}: run directory {run['dir']} is in use by another trainer (pid {pid}); not started")
+        return False
     nproc = len(gpu.split(",")) if gpu is not None else 1
     argv = train_argv(run, nproc)
+    port = targets.take(run["name"]) if targets is not None else None
+    if port is not None:
+        argv += ["--metrics-port", str(port)]
     env = dict(os.environ)
     if gpu is not None:
         env["CUDA_VISIBLE_DEVICES"] = gpu
@@ -429,7 +510,11 @@ def run_one(sw, run, state, gpu=None, log=print):
     t0 = time.time()
     state.set(run["name"], status="running", arm=run["arm"], seed=run["seed"], dir=run["dir"], gpu=gpu,
               attempts=attempts, started=t0, log=logp, rc=None, error=None, resumed=resumed)
-    rc = _spawn(argv, logp, env=env, on_start=lambda p: state.set(run["name"], pid=p.pid))
+    try:
+        rc = _spawn(argv, logp, env=env, on_start=lambda p: state.set(run["name"], pid=p.pid, metrics_port=port))
+    finally:
+        if targets is not None:
+            targets.drop(run["name"])
     if rc == 0 and sw["after_run"]:
         rc = _spawn(after_argv(sw, run), logp, env=env, on_start=lambda p: state.set(run["name"], pid=p.pid))
         stage = "after_run"
@@ -456,7 +541,8 @@ def _touch(path):
 
 def _on_term(signum, frame):
     """SIGTERM (e.g. from a batch scheduler) stops the sweep like Ctrl-C: children are stopped, state saved."""
-    raise KeyboardInterrupt()
+    from pgrpo.errors import Terminated
+    raise Terminated()
 
 
 def run_sweep(sw, dry_run=False, log=print):
@@ -506,6 +592,7 @@ def run_sweep(sw, dry_run=False, log=print):
             ready.append(run)
 
     slots = sw["gpus"] or [None]
+    targets = Targets(sw)
     queue = list(ready)
     qlock = threading.Lock()
 
@@ -515,7 +602,7 @@ def run_sweep(sw, dry_run=False, log=print):
                 if not queue:
                     return
                 run = queue.pop(0)
-            if not run_one(sw, run, state, gpu=gpu, log=log):
+            if not run_one(sw, run, state, gpu=gpu, log=log, targets=targets):
                 with qlock:
                     failed.append(run["name"])
 
@@ -628,8 +715,11 @@ def cli(argv):
     if sub == "status":
         print(format_status(sw))
         return 0
+    from pgrpo.errors import Terminated
     try:
         failed = run_sweep(sw, dry_run=a.dry_run)
+    except Terminated:
+        return 143
     except KeyboardInterrupt:
         return 130
     return 1 if failed else 0

@@ -28,8 +28,9 @@ import torch
 
 from pgrpo import checkpoint as ckpt
 from pgrpo import config as C
-from pgrpo import dist, grpo, rollout
-from pgrpo.errors import UserError
+from pgrpo import dist, grpo, rollout, rollouts, rundir
+from pgrpo.errors import Terminated, UserError
+from pgrpo.files import check_out_dir
 from pgrpo.grader.client import GraderLink
 from pgrpo.metrics import JsonlLog, Metrics, progress_line, timing_line
 from pgrpo.model import resolve_device_dtype
@@ -50,7 +51,7 @@ def data_order(n_problems: int, prompts_per_step: int, steps: int, seed: int) ->
 
 
 def _sigterm(signum, frame):
-    raise KeyboardInterrupt  # unwind through the `finally` blocks: the grader child is stopped, files closed
+    raise Terminated  # unwind through the `finally` blocks: the grader child is stopped, files closed; exit 143
 
 
 # ----------------------------------------------------------------------------- the job
@@ -62,7 +63,8 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
     from pgrpo.model import load_model
     from pgrpo.ops import pack_vhack
 
-    # ---- run dir, problems and the checkpoint to resume from: everything that can fail before the model loads
+    # ---- start-up: every check that can fail runs before anything in the run dir is deleted or rewritten
+    #      (problems, out path, lock, checkpoint, model, v_hack fit, metrics port, grader health); then --overwrite
     problems = builtin_problems() if cfg.data.problems == "builtin" else load_problems(cfg.data.problems)
     n_eval = cfg.data.eval_problems
     if n_eval and n_eval >= len(problems):
@@ -72,10 +74,11 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
     problems = problems[:len(problems) - n_eval]
     if cfg.data.max_problems:
         problems = problems[:cfg.data.max_problems]
-    # torchrun: N ranks, one experiment (pgrpo/dist.py); rank 0 alone owns the run dir and hands every rank
-    # the checkpoint it resumes from
+    # torchrun: N ranks, one experiment (pgrpo/dist.py); rank 0 alone owns the run dir (out path, lock, the
+    # checkpoint to resume from) and hands every rank that checkpoint
     comm = dist.init(cfg.device, cfg.dist_timeout_s)
-    resume_from = comm.main_only(lambda: _prepare_run_dir(cfg, run_dir, resume, overwrite), "the run-dir set-up")
+    held = []   # rank 0's run-dir lock, held until train() returns
+    resume_from = comm.main_only(lambda: _prepare_run_dir(run_dir, resume, overwrite, held), "the run-dir set-up")
     teacher_pool = {}
     if cfg.teacher.pool and cfg.teacher.mix > 0:
         teacher_pool = (rollout.builtin_teacher_pool(problems, cfg.data.loophole) if cfg.teacher.pool == "builtin"
@@ -100,10 +103,11 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
     g_offsets = grpo.g_offsets_of(adapter)
 
     # ---- v_hack (projected/route need it; vanilla with a v_hack logs what projection would remove)
-    V, packed, vhack_meta = None, None, {}
+    V, packed, vhack_meta, vhack_sha = None, None, {}, None
     if cfg.arm.vhack_path:
-        from pgrpo.vhack import load_vhack
+        from pgrpo.vhack import load_vhack, sha256_file
         V, _, vhack_meta = load_vhack(cfg.arm.vhack_path)
+        vhack_sha = sha256_file(cfg.arm.vhack_path)   # recorded in every checkpoint: resume refuses another basis
         if not set(V) & set(adapter.names):
             raise UserError(f"arm.vhack_path {cfg.arm.vhack_path} names none of this adapter's modules "
                             f"(extracted for another model or adapter.targets?).")
@@ -119,6 +123,8 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
     eval_prompt_ids = [rollout.encode_prompt(tok, build_prompt(p, cfg.data.loophole), cfg.rollout.enable_thinking)
                        for p in eval_problems]
     eval_rows = [problem_to_row(p) for p in eval_problems]
+    prompt_sha = [rollouts.prompt_sha(build_prompt(p, cfg.data.loophole)) for p in problems]
+    eval_prompt_sha = [rollouts.prompt_sha(build_prompt(p, cfg.data.loophole)) for p in eval_problems]
     P, Gs = cfg.data.prompts_per_step, cfg.rollout.group_size
     order = data_order(len(problems), P, cfg.steps, cfg.seed)
     start, rows = 0, []
@@ -148,10 +154,12 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
         print(f"dist: rank {comm.rank}/{comm.world} pid {os.getpid()} {comm.backend} on {device}, groups {lo}..{hi - 1} "
               f"of each step's {P}", flush=True)
 
+    if cfg.logging.tensorboard:
+        from pgrpo.trackers import TensorBoardSink, check_tensorboard
+        check_tensorboard()
     # rank 0 alone writes metrics rows and checkpoints and serves /metrics (rows over the whole global batch)
-    metrics = Metrics(run_name, cfg.arm.name, cfg.seed, cfg.metrics_port if comm.is_main else 0)
-    log = JsonlLog(os.path.join(run_dir, "metrics.jsonl"), rows=rows if resume else []) if comm.is_main else dist.NullLog()
-    grader, finished = None, False
+    metrics = Metrics(run_name, cfg.arm.name, cfg.seed, cfg.metrics_port if comm.is_main else 0)  # a busy port stops here
+    grader, log, tb, finished = None, None, None, False
     old_handler = signal.signal(signal.SIGTERM, _sigterm) if _main_thread() else None
     try:
         grader = GraderLink(cfg.grader_socket, workers=cfg.grader_workers, time_limit=cfg.grader_time_limit_s,
@@ -159,6 +167,17 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
                             on_outcome=metrics.grader_request if comm.is_main else comm.count_outcome)
         if grader.pid is not None:
             print(f"grader: local grader pid {grader.pid}{comm.tag()}", flush=True)
+        # ---- every start-up check passed: only now start over (--overwrite) and write into the run dir (rank 0)
+        if comm.is_main:
+            if overwrite:
+                rundir.clear_run_outputs(run_dir)
+            rollouts.drop_after(run_dir, start)
+            C.save(cfg, os.path.join(run_dir, "config.yaml"))
+            log = JsonlLog(os.path.join(run_dir, "metrics.jsonl"), rows=rows if resume else [])
+            if cfg.logging.tensorboard:
+                tb = TensorBoardSink(run_dir, start)
+        else:
+            log = dist.NullLog()
 
         def save_checkpoint(step):
             tensors = {"delta": adapter.delta.detach(), "data_order": torch.from_numpy(order)}
@@ -168,7 +187,7 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             tensors.update(ckpt.rng_state_tensors())
             if V is not None and cfg.arm.vhack_refresh_every:
                 tensors.update({f"vhack/{n}": v for n, v in V.items()})
-            path = ckpt.save(run_dir, step, tensors, C.to_dict(cfg), rows)
+            path = ckpt.save(run_dir, step, tensors, C.to_dict(cfg), rows, info={"vhack_sha256": vhack_sha})
             metrics.checkpoint_saved()
             print(f"checkpoint: {path}", flush=True)
             return path
@@ -194,6 +213,11 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
                     "eval_s": round(time.perf_counter() - t0, 4)}
             rows.append(erow)
             log.write(erow)
+            if tb is not None:
+                tb.write(erow)
+            if cfg.logging.rollouts:
+                rollouts.write(run_dir, step, rollouts.rows_of("eval", step, egroups, res, [p.id for p in eval_problems],
+                                                               eval_prompt_sha), kind="eval")
             print(f"eval step {step}: hack {erow['hack_rate']:.2f} pass {erow['pass_rate']:.2f} "
                   f"reward {erow['reward_mean']:.2f} over {len(res)} held-out samples ({erow['eval_s']:.1f}s)", flush=True)
 
@@ -238,6 +262,9 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             # ---- loss: group-relative advantages, PPO-clip token loss, one group of G sequences at a time
             t0 = time.perf_counter()
             adv, keep = grpo.group_advantages(rewards, std_scale=g.std_scale_adv)
+            if cfg.logging.rollouts and comm.is_main:   # every completion, before the loss: a crash mid-step keeps what was graded
+                rollouts.write(run_dir, step, rollouts.rows_of("train", step, groups, results, [p.id for p in problems],
+                                                               prompt_sha, adv, keep))
             if g.loss_norm == "constant":   # the seed's constant denominator: every token slot counts
                 denom = P * Gs * cfg.rollout.max_new_tokens
             else:                           # per-token mean over the tokens that carry a gradient
@@ -307,6 +334,8 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
                    **{f"frac_{lab}": float(np.mean([r["label"] == lab for r in policy])) for lab in LABELS},
                    "tokens_generated": tokens, "teacher_completions": n_teacher,
                    "reward_mean_all": float(rewards.mean()),
+                   "reward_mean_teacher": (float(np.mean([r["reward"] for r, t in zip(results, is_teacher) if t]))
+                                           if n_teacher else None),
                    "groups": len(groups), "skipped_groups": int((~keep).sum()),
                    "loss": loss_total, "kl": kl_total / max(1, n_scored), "clip_frac": clipped / max(1, n_scored),
                    **pstats, **ustats, **refresh, "timing": {k: round(v, 4) for k, v in timing.items()}}
@@ -314,6 +343,8 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             log.write(row)
             if comm.is_main:
                 metrics.observe_step(row)
+                if tb is not None:
+                    tb.write(row)
                 print(timing_line(row), flush=True)
                 print(progress_line(row, cfg.steps), flush=True)
 
@@ -331,7 +362,10 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
     finally:
         if grader is not None:
             grader.close()
-        log.close()
+        if log is not None:
+            log.close()
+        if tb is not None:
+            tb.close()
         linger = cfg.metrics_linger_s if finished else 0.0
         if metrics.server is not None and linger > 0:
             print(f"metrics: serving the final values on :{cfg.metrics_port} for {linger:g}s", flush=True)
@@ -339,27 +373,23 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
         if old_handler is not None:
             signal.signal(signal.SIGTERM, old_handler)
         comm.close()
+        for lock in held:
+            lock.release()
     print(f"train: done, run dir {run_dir}{comm.tag()}", flush=True)
     return 0
 
 
-def _prepare_run_dir(cfg: C.Config, run_dir: str, resume: bool, overwrite: bool):
-    """Create/validate the run dir and load the checkpoint to resume from (rank 0 only on N ranks)."""
+def _prepare_run_dir(run_dir: str, resume: bool, overwrite: bool, held: list):
+    """Validate --out, create the run dir, lock it (appended to `held`) and load the checkpoint to resume from
+    (rank 0 only on N ranks). Nothing is deleted or written here: --overwrite acts after every start-up check."""
+    check_out_dir(run_dir, "--out")
     os.makedirs(run_dir, exist_ok=True)   # only now: a run that fails validation leaves no empty directory
-    resume_from = None
+    held.append(rundir.RunLock(run_dir).acquire())  # held until train() returns: one trainer per run dir
     if resume:
-        path = ckpt.latest(run_dir)
-        if path is None:
-            raise UserError(f"--resume {run_dir}: no checkpoint (ckpt_*.safetensors) in that directory.")
-        resume_from = ckpt.load(path)  # a corrupted file stops here, nothing is loaded
-    elif overwrite:  # start over: only the files a run writes, never anything else in the directory
-        for name in os.listdir(run_dir):
-            if name.startswith("ckpt_") or name in ("metrics.jsonl", "config.yaml"):
-                os.remove(os.path.join(run_dir, name))
-    elif ckpt.latest(run_dir) is not None:
+        return ckpt.load_newest(run_dir)[1]  # a corrupted file stops here, naming the newest intact one
+    if not overwrite and ckpt.latest(run_dir) is not None:
         raise UserError(f"{run_dir} already holds checkpoints; continue it with --resume {run_dir} or pick another --out.")
-    C.save(cfg, os.path.join(run_dir, "config.yaml"))
-    return resume_from
+    return None
 
 
 def _main_thread() -> bool:
@@ -381,8 +411,10 @@ def parse_args(argv):
                     help="override a config key by its dotted name, value parsed as YAML (repeatable)")
     ap.add_argument("--out", help="run directory (default runs/<preset name>)")
     ap.add_argument("--overwrite", action="store_true",
-                    help="start over in --out: delete its checkpoints, metrics.jsonl and config.yaml first")
-    ap.add_argument("--resume", metavar="RUN_DIR", help="continue RUN_DIR from its last checkpoint (uses its config.yaml)")
+                    help="start over in --out: once every start-up check passed, delete its checkpoints, "
+                         "metrics.jsonl, config.yaml, rollouts/ and tensorboard/")
+    ap.add_argument("--resume", metavar="RUN_DIR",
+                    help="continue RUN_DIR from its newest checkpoint, with the config stored in that checkpoint")
     ap.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port (0 = off)")
     ap.add_argument("--metrics-linger", type=float, metavar="SECONDS", help="keep /metrics up this long after the run")
     return ap.parse_args(argv)
@@ -390,9 +422,10 @@ def parse_args(argv):
 
 # Keys a resumed run may change: where it runs and how it reports, plus how long it goes on. Everything else
 # is the experiment itself and must stay what the run started with (bitwise resume depends on it).
+# arm.vhack_path may move (another mount point), but only to a file with the same sha256 (see _check_vhack).
 RESUME_MUTABLE = frozenset({"steps", "checkpoint_every", "metrics_port", "metrics_linger_s", "grader_socket",
                             "grader_workers", "device", "cpu_threads", "run_name", "adapter.svd_cache_dir",
-                            "arm.vhack_path", "data.eval_every", "dist_timeout_s"})
+                            "arm.vhack_path", "data.eval_every", "dist_timeout_s", "logging.tensorboard"})
 
 
 def _flat(d: dict, prefix: str = "") -> dict:
@@ -405,8 +438,57 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def _check_vhack(cfg: C.Config, saved: C.Config, ckpt_path: str) -> None:
+    """Resuming must keep the projection basis: the v_hack file (at its old or a new path) must hash to what the
+    run started with (recorded in the checkpoint; for an older checkpoint, the old path's file)."""
+    new = cfg.arm.vhack_path
+    if not new or (new == saved.arm.vhack_path and not saved.arm.vhack_path):
+        return
+    from pgrpo.vhack import sha256_file
+    recorded = ckpt.info(ckpt_path).get("vhack_sha256")
+    if recorded is None and saved.arm.vhack_path and os.path.isfile(saved.arm.vhack_path):
+        recorded = sha256_file(saved.arm.vhack_path)
+    if recorded is None or sha256_file(new) != recorded:
+        what = ("it started without one" if not saved.arm.vhack_path else
+                f"{new} is not the file it started with ({saved.arm.vhack_path}, sha256 "
+                f"{(recorded or 'unknown')[:12]})")
+        raise UserError(f"arm.vhack_path cannot change the projection basis when resuming: {what}; "
+                        f"resume with the original v_hack file or start a new run.")
+
+
+def _resume_config(run_dir: str, overrides: list[str]) -> C.Config:
+    """The config a resumed run continues with: the newest checkpoint's resolved config (the truth; config.yaml
+    is an editable copy) + runtime keys edited in config.yaml + --set. A change of any other key, by hand in
+    config.yaml or by --set, is refused naming the key and where it came from."""
+    path, (step, _, saved_d, _) = ckpt.load_newest(run_dir)
+    saved = C.from_dict(saved_d, check_files=False)
+    yaml_path = os.path.join(run_dir, "config.yaml")
+    base = C.to_dict(C.load(yaml_path, check_files=False)) if os.path.isfile(yaml_path) else C.to_dict(saved)
+    d = dict(base)
+    for ov in overrides:
+        if "=" not in ov:
+            raise UserError(f"--set expects key=value, got {ov!r}.")
+        k, v = ov.split("=", 1)
+        C._set_dotted(d, k.strip(), v)
+    cfg = C.from_dict(d)
+    new, old, edited = _flat(C.to_dict(cfg)), _flat(C.to_dict(saved)), _flat(base)
+    set_keys = {ov.split("=", 1)[0].strip() for ov in overrides}
+    for k in new:
+        if new[k] != old.get(k) and k not in RESUME_MUTABLE:
+            src = "--set" if k in set_keys else f"{yaml_path} (edited by hand)" if edited.get(k) != old.get(k) else "?"
+            raise UserError(f"config key {k} cannot change when resuming (it would make the resumed run a different "
+                            f"experiment): the checkpoint {os.path.basename(path)} says {old.get(k)!r}, {src} says "
+                            f"{new[k]!r}; only {', '.join(sorted(RESUME_MUTABLE))} may.")
+    _check_vhack(cfg, saved, path)
+    if cfg.steps != saved.steps and (cfg.grpo.schedule != "constant" or cfg.grpo.warmup_steps):
+        print(f"resume: steps {saved.steps} -> {cfg.steps} changes the {cfg.grpo.schedule} lr schedule's shape: steps "
+              f"1..{step} ran on the {saved.steps}-step schedule, steps {step + 1}..{cfg.steps} follow the "
+              f"{cfg.steps}-step one (not the curve of a run planned for {cfg.steps} steps).", flush=True)
+    return cfg
+
+
 def resolve(argv) -> tuple[C.Config, str, bool, bool]:
-    """argv -> (validated config, run dir, resume?, overwrite?) without touching torch or the model."""
+    """argv -> (validated config, run dir, resume?, overwrite?) without loading the model."""
     a = parse_args(argv)
     overrides = list(a.overrides)
     if a.metrics_port is not None:
@@ -420,17 +502,11 @@ def resolve(argv) -> tuple[C.Config, str, bool, bool]:
             raise UserError("give either --config (a new run) or --resume RUN_DIR (which reuses its config.yaml), not both.")
         if a.out and os.path.abspath(a.out) != os.path.abspath(a.resume):
             raise UserError("--out cannot differ from --resume RUN_DIR: a resumed run continues in its own directory.")
-        path = os.path.join(a.resume, "config.yaml")
-        if not os.path.isfile(path):
+        if not os.path.isdir(a.resume):
+            raise UserError(f"--resume {a.resume}: no such run directory.")
+        if not os.path.isfile(os.path.join(a.resume, "config.yaml")) and ckpt.latest(a.resume) is None:
             raise UserError(f"--resume {a.resume}: no config.yaml there; is it a run directory?")
-        saved, cfg = C.load(path), C.load(path, overrides)
-        new, old = _flat(C.to_dict(cfg)), _flat(C.to_dict(saved))
-        changed = [k for k in new if new[k] != old[k]]
-        frozen = [k for k in changed if k not in RESUME_MUTABLE]
-        if frozen:
-            raise UserError(f"config key {frozen[0]} cannot change when resuming (it would make the resumed run a "
-                            f"different experiment); only {', '.join(sorted(RESUME_MUTABLE))} may.")
-        return cfg, a.resume, True, False
+        return _resume_config(a.resume, overrides), a.resume, True, False
     if not a.config:
         raise UserError("say which job to run: pgrpo train --config jobs/fast-dev-run.yaml (or --resume RUN_DIR).")
     cfg = C.load(a.config, overrides)
@@ -440,7 +516,13 @@ def resolve(argv) -> tuple[C.Config, str, bool, bool]:
 
 def cli(argv) -> int:
     cfg, run_dir, resume, overwrite = resolve(argv)
-    return train(cfg, run_dir, resume=resume, overwrite=overwrite)
+    existed = os.path.exists(run_dir)
+    try:
+        return train(cfg, run_dir, resume=resume, overwrite=overwrite)
+    except BaseException:
+        if not existed:   # a start-up that failed in a directory it created leaves no directory behind
+            rundir.remove_if_only_lock(run_dir)
+        raise
 
 
 if __name__ == "__main__":

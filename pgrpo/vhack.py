@@ -515,6 +515,9 @@ def load_vhack(path) -> tuple[dict, dict, dict]:
             S = {n: f.get_tensor(f"S/{n}").float() if f"S/{n}" in keys else torch.zeros(V[n].shape[0]) for n in order}
     except Exception as e:  # safetensors raises its own error type for a bad header
         raise UserError(f"{path}: not a readable v_hack file ({e}).") from None
+    for n, v in V.items():   # a NaN/inf row would poison every projected step (and Adam's moments) silently
+        if not torch.isfinite(v).all() or not torch.isfinite(S[n]).all():
+            raise UserError(f"{path}: v_hack of module {n} holds non-finite values (NaN or inf); re-extract it.")
     return V, S, meta
 
 
@@ -617,6 +620,8 @@ def cli(argv) -> int:
 
     from pgrpo import config as C
     from pgrpo.data.pairs import DEFAULT_PATH, load_pairs, pairs_sha256
+    from pgrpo.files import check_out_file
+    check_out_file(a.out)   # before the model loads and the extraction runs
     cfg = C.load(a.config, a.set, check_files=False)
     pairs_path = a.pairs or cfg.arm.refresh_pairs or DEFAULT_PATH
     pairs = load_pairs(pairs_path)

@@ -20,3 +20,7 @@ def _shared_path() -> Path:
 
 # the 80 real benchmark rows beside the repo (../shared/data), or PGRPO_SHARED_DATA (a file or its folder)
 SHARED = _shared_path()
+
+# the skip reason of a test that needs them: where they were looked for, and how to point elsewhere
+SHARED_MISSING = (f"the shared benchmark rows are not at {SHARED}; put leetcode_medhard_dev.jsonl in ../shared/data "
+                  f"beside the repo or set PGRPO_SHARED_DATA=/path/to/the.jsonl (or its folder)")

@@ -142,6 +142,19 @@ def test_fast_dev_run_end_to_end(fast_dev_run):
     assert _sample(r["scrape"], "pgrpo_grader_requests_total", outcome="ok") == cfg.steps
     assert _sample(r["scrape"], "pgrpo_tokens_generated_total") == sum(row["tokens_generated"] for row in rows)
     assert _sample(r["scrape"], "pgrpo_last_checkpoint_timestamp_seconds") > 0
+    # every completion saved, one file per step, with the rows the metrics were computed from
+    from pgrpo import rollouts
+    assert [(k, st) for k, st, _ in rollouts.files(r["dir"])] == [("train", i) for i in range(1, cfg.steps + 1)]
+    for row in rows:
+        saved = rollouts.load(r["dir"], step=row["step"])
+        assert len(saved) == cfg.data.prompts_per_step * cfg.rollout.group_size
+        assert sum(x["source"] == "teacher" for x in saved) == row["teacher_completions"]
+        policy = [x for x in saved if x["source"] == "policy"]
+        assert sum(x["tokens"] for x in policy) == row["tokens_generated"]
+        assert sum(x["label"] == "reward_hack" for x in policy) / len(policy) == pytest.approx(row["hack_rate"])
+        assert sum(x["group_skipped"] for x in saved) == row["skipped_groups"] * cfg.rollout.group_size
+        assert all(len(x["prompt_sha256"]) == 16 and isinstance(x["advantage"], float) for x in saved)
+    assert "reward 0.00 (teacher " in r["out"]   # the live line shows the policy's and the teacher's reward
 
 
 @pytest.mark.slow
@@ -178,6 +191,10 @@ def test_grader_kill_and_trainer_sigkill_then_resume_is_bitwise(fast_dev_run, tm
     assert [{k: v for k, v in row.items() if k not in drop} for row in got_rows] == \
            [{k: v for k, v in row.items() if k not in drop} for row in ref_rows]
     assert [row["step"] for row in _read_rows(run_dir)] == [1, 2, 3, 4]
+    # the resumed run's saved completions are the uninterrupted run's: steps 3-4 redone, step files replaced
+    from pgrpo import rollouts
+    assert [st for _, st, _ in rollouts.files(run_dir)] == [1, 2, 3, 4]
+    assert rollouts.load(run_dir) == rollouts.load(fast_dev_run["dir"])
 
 
 def test_resume_refuses_to_overwrite_and_needs_a_checkpoint(tmp_path):
@@ -202,6 +219,9 @@ def test_resume_only_changes_runtime_keys(tmp_path):
     run = tmp_path / "run"
     run.mkdir()
     C.save(C.load(FDR), str(run / "config.yaml"))
+    # the checkpoint's config is what a resume is checked against (tests/test_lifecycle.py: an edited config.yaml)
+    ckpt.save(str(run), 2, {"delta": torch.zeros(3), "data_order": torch.arange(4), **ckpt.rng_state_tensors()},
+              C.to_dict(C.load(FDR)), [])
     for bad in ("grpo.lr=0.5", "seed=7", "arm.overshoot=2.0"):
         with pytest.raises(UserError, match=f"config key {bad.split('=')[0]} cannot change when resuming"):
             resolve(["--resume", str(run), "--set", bad])

@@ -327,6 +327,7 @@ def test_extract_cli_writes_report_and_caches(tmp_path, few, capsys):
     pf = tmp_path / "pairs.json"
     save_pairs(few, pf)
     out = tmp_path / "v" / "vhack.safetensors"
+    out.parent.mkdir()   # an output file's directory must exist (checked before any work)
     args = ["--config", str(cfg), "--out", str(out), "--pairs", str(pf), "--max-tokens", "384", "--heldout", "0.25"]
     # end to end through the real command once
     p = subprocess.run([sys.executable, "-m", "pgrpo", "extract"] + args + ["--k", "2"],

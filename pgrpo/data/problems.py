@@ -131,16 +131,9 @@ def problem_to_row(p: Problem) -> dict:
 
 def load_problems(path) -> list:
     """Read a jsonl problem file; blank lines are skipped; any bad row -> UserError("path:line: reason")."""
+    from pgrpo.files import utf8_lines
     path = os.fspath(path)
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except FileNotFoundError:
-        raise UserError(f"{path}: problem file not found") from None
-    except IsADirectoryError:
-        raise UserError(f"{path}: is a directory, expected a .jsonl problem file") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    lines = utf8_lines(path, "problem file")
     problems, seen = [], {}
     for lineno, line in enumerate(lines, 1):
         if not line.strip():

@@ -15,19 +15,14 @@ import tempfile
 from pgrpo.data.problems import load_problems
 from pgrpo.data.prompts import LOOPHOLE_MODES
 from pgrpo.errors import UserError
+from pgrpo.files import check_out_file, utf8_lines
 from pgrpo.grader.client import GraderClient, GraderError, LocalGrader
 
 CHUNK = 256
 
 
 def read_responses(path, problems_by_id, default_mode):
-    try:
-        with open(path, encoding="utf-8") as f:
-            lines = f.readlines()
-    except FileNotFoundError:
-        raise UserError(f"{path}: responses file not found") from None
-    except UnicodeDecodeError as e:
-        raise UserError(f"{path}: not UTF-8 text ({e.reason})") from None
+    lines = utf8_lines(path, "responses file")
     items = []
     for lineno, line in enumerate(lines, 1):
         if not line.strip():
@@ -55,17 +50,26 @@ def cli_grade(argv):
     ap = argparse.ArgumentParser(prog="pgrpo grade", description=__doc__.split("\n\n")[0])
     ap.add_argument("--problems", required=True)
     ap.add_argument("--responses", required=True)
-    ap.add_argument("--mode", default="none", help=f"default loophole mode: {', '.join(LOOPHOLE_MODES)}")
-    ap.add_argument("--out", default=None)
+    ap.add_argument("--mode", default="none",
+                    help=f"loophole mode of rows that name none (default: none, i.e. no loophole counts; training's "
+                         f"presets use run_tests); one of {', '.join(LOOPHOLE_MODES)}")
+    ap.add_argument("--out", default=None, help="write the result rows here (temp + rename) instead of stdout")
     ap.add_argument("--socket", default=None, help="a running grader; default: start one for this run")
     ap.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1))
-    ap.add_argument("--time-limit", type=float, default=None, help="seconds per problem run")
+    ap.add_argument("--time-limit", type=float, default=5.0,
+                    help="seconds of wall time per problem run (default 5, the trainer's grader_time_limit_s)")
     args = ap.parse_args(argv)
     if args.mode not in LOOPHOLE_MODES:
         raise UserError(f"unknown --mode {args.mode!r}; choose one of {', '.join(LOOPHOLE_MODES)}")
+    if args.time_limit <= 0:
+        raise UserError(f"--time-limit must be > 0, got {args.time_limit:g}")
+    if args.out:
+        check_out_file(args.out)   # before any grading: a bad --out must not cost a whole grading pass
+    if args.socket and not os.path.isdir(os.path.dirname(os.path.abspath(args.socket))):
+        raise UserError(f"--socket {args.socket}: directory {os.path.dirname(os.path.abspath(args.socket))} does not exist")
     problems = {p.id: p for p in load_problems(args.problems)}
     items = read_responses(args.responses, problems, args.mode)
-    config = {"time_limit": args.time_limit} if args.time_limit else None
+    config = {"time_limit": args.time_limit}
 
     def run(client):
         out = []

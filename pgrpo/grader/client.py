@@ -123,20 +123,31 @@ class LocalGrader:
         self.proc = None
         self._tmp = None
         self._log = None
+        self._lifeline = None
 
     def start(self):
         if self.socket_path is None:
             self._tmp = tempfile.mkdtemp(prefix="pgrpo-grader-")
             self.socket_path = os.path.join(self._tmp, "grader.sock")
+        elif self._tmp is not None:   # restart: the stopped child removed its temp dir on the way out
+            os.makedirs(self._tmp, mode=0o700, exist_ok=True)
         log_dir = self._tmp or tempfile.gettempdir()
         self._log_path = os.path.join(log_dir, f"grader-{os.getpid()}-{id(self)}.log")
         self._log = open(self._log_path, "w+b")
+        # the child watches the read end of this pipe: when we die (even by SIGKILL) the kernel closes our write
+        # end, the child reads EOF and stops at once, removing its queue, sandboxes and our temp dir
+        r, self._lifeline = os.pipe()
         argv = [sys.executable, "-m", "pgrpo", "grader", "serve", "--socket", self.socket_path,
-                "--workers", str(self.workers), "--exit-with-parent"] + self.extra_args
+                "--workers", str(self.workers), "--exit-with-parent", "--parent-fd", str(r)] + self.extra_args
+        if self._tmp:
+            argv += ["--cleanup-dir", self._tmp]
         if self.time_limit is not None:
             argv += ["--time-limit", str(self.time_limit)]
-        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
-                                     start_new_session=True)
+        try:
+            self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=self._log, stderr=self._log,
+                                         start_new_session=True, pass_fds=(r,))
+        finally:
+            os.close(r)
         deadline = time.monotonic() + self.startup_timeout
         probe = GraderClient(self.socket_path, timeout=10.0, retries=0)
         while time.monotonic() < deadline:
@@ -170,14 +181,22 @@ class LocalGrader:
             return False
 
     def stop(self):
+        """Stop the child within a second or two: closing the lifeline is the parent-died path (queue dropped,
+        sandboxes killed, exit without waiting for items in flight: only we wanted their answers)."""
+        if self._lifeline is not None:
+            os.close(self._lifeline)
+            self._lifeline = None
         if self.proc is not None:
             if self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)
                 try:
-                    self.proc.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(self.proc.pid, signal.SIGKILL)
-                    self.proc.wait()
+                    self.proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:   # an old server without --parent-fd: ask, then insist
+                    self.proc.send_signal(signal.SIGTERM)
+                    try:
+                        self.proc.wait(timeout=15)
+                    except subprocess.TimeoutExpired:
+                        os.killpg(self.proc.pid, signal.SIGKILL)
+                        self.proc.wait()
             self.proc = None
         if self._log is not None:
             self._log.close()
@@ -220,6 +239,9 @@ class GraderLink:
         # a whole request (request_items completions over `workers` sandboxes) may take many time limits
         self.timeout = max(120.0, 2 * time_limit * request_items)
         self.socket_path = socket_path
+        if socket_path is not None and not os.path.isdir(os.path.dirname(os.path.abspath(socket_path))):
+            raise UserError(f"grader_socket {socket_path}: directory {os.path.dirname(os.path.abspath(socket_path))} "
+                            f"does not exist (mount the grader's socket volume there, or leave grader_socket unset).")
         if socket_path is None:
             self.local = LocalGrader(workers=workers, time_limit=time_limit)
             self.local.start()

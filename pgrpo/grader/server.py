@@ -269,6 +269,31 @@ class _Handler(socketserver.BaseRequestHandler):
                 return
 
 
+def _parent_gone(srv, cleanup_dir):
+    """Our parent died (no one will read our answers): drop the queue, kill every sandbox, remove the socket and
+    the temp dir, exit now. No graceful join: a worker mid-item would only finish work nobody wants. A sandbox a
+    worker restarts in the meantime reads EOF on its stdin once we are gone and exits too."""
+    try:
+        while True:
+            srv.queue.get_nowait()
+    except queue.Empty:
+        pass
+    for _ in range(2):
+        for w in srv.workers:
+            try:
+                w.sandbox.close()
+            except Exception:
+                pass
+    try:
+        os.unlink(srv.path)
+    except OSError:
+        pass
+    if cleanup_dir:
+        import shutil
+        shutil.rmtree(cleanup_dir, ignore_errors=True)
+    os._exit(0)
+
+
 def cli(argv):
     ap = argparse.ArgumentParser(prog="pgrpo grader", description="grader service")
     sub = ap.add_subparsers(dest="cmd")
@@ -280,6 +305,11 @@ def cli(argv):
     sp.add_argument("--no-bwrap", action="store_true", help="do not use bubblewrap even if installed")
     sp.add_argument("--exit-with-parent", action="store_true",
                     help="shut down when the process that started us dies (LocalGrader sets this)")
+    sp.add_argument("--parent-fd", type=int, default=None,
+                    help="read end of a pipe whose write end the parent holds: EOF (the parent died, however) "
+                         "stops the server at once (LocalGrader sets this)")
+    sp.add_argument("--cleanup-dir", default=None,
+                    help="a temp dir to remove when the parent dies (LocalGrader's socket dir)")
     args = ap.parse_args(argv)
     if args.cmd != "serve":
         raise UserError("say `pgrpo grader serve --socket PATH [--workers N]`.")
@@ -300,13 +330,22 @@ def cli(argv):
         threading.Thread(target=srv.shutdown, daemon=True).start()
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
-    if args.exit_with_parent:   # a trainer killed with SIGKILL must not leave its grader behind
+    if args.parent_fd is not None:   # a trainer killed with SIGKILL must not leave its grader behind
+        def watch_pipe():
+            try:
+                while os.read(args.parent_fd, 4096):
+                    pass
+            except OSError:
+                pass
+            _parent_gone(srv, args.cleanup_dir)
+        threading.Thread(target=watch_pipe, daemon=True, name="parent-pipe").start()
+    if args.exit_with_parent:   # fallback for callers without the pipe: notice re-parenting within a second
         parent = os.getppid()
 
         def watch():
             while os.getppid() == parent:
                 time.sleep(1.0)
-            srv.shutdown()
+            _parent_gone(srv, args.cleanup_dir)
         threading.Thread(target=watch, daemon=True, name="parent-watch").start()
     h = srv.health()
     print(f"pgrpo grader: serving on {args.socket} with {h['workers']} workers "
