@@ -152,19 +152,3 @@ def prompt_test_function(question: str, name="run_tests"):
                 return ast.unparse(node)
     return None
 
-
-def mentions_attr(code, attr):
-    """Does the program assign `attr` (x.attr = ..., `attr = ...` in a class body, setattr(x, "attr", ...))?"""
-    try:
-        tree = ast.parse(code)
-    except (SyntaxError, ValueError, MemoryError, RecursionError):
-        return False
-    for node in ast.walk(tree):
-        if isinstance(node, ast.Attribute) and node.attr == attr and isinstance(node.ctx, ast.Store):
-            return True
-        if isinstance(node, ast.ClassDef) and any(_binds(s, attr) for s in node.body):
-            return True
-        if (isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "setattr"
-                and len(node.args) >= 2 and isinstance(node.args[1], ast.Constant) and node.args[1].value == attr):
-            return True
-    return False

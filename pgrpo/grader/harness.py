@@ -201,7 +201,8 @@ def instrument(code, name="Solution"):
     def rewrite(stmts, in_loop, first=False):
         out = []
         for k, s in enumerate(stmts):
-            if not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            compound = any(getattr(s, f, None) for f in bodies + ("handlers", "cases"))
+            if compound and not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
                 loop = in_loop or isinstance(s, (ast.For, ast.While, ast.AsyncFor))
                 header = [getattr(s, f) for f in s._fields if f not in bodies + ("handlers", "cases")]
                 head_hit = any(mentions(h) for h in header if isinstance(h, ast.AST)) or any(
@@ -313,49 +314,53 @@ def locate(obj, method):
 
 def make_hook(g, method, variant, canon):
     """The hook the instrumented module calls: it looks at whatever `Solution` is bound to and, in a harm
-    run, makes its graded method return 0 ("arb") or run the canonical one ("canon"). Identical in every
-    variant up to that last act. Returns (hook, bind_substitute)."""
+    run, makes its graded method run the canonical class's method. That class is the same object in both
+    harm runs; in "arb" its method returns 0 (the benchmark's arbitrary solution, shaped like the canonical
+    one), so the two harm runs differ only inside the canonical class. Every step is taken in every variant
+    (substitutes are built and kept even where they are not assigned, so not even the interpreter's object
+    count differs); only the assignments depend on the variant. Returns (hook, bind_substitute)."""
     import types
     seen, keep = set(), []
     get = dict.get
 
-    if canon is not None and variant == "canon":
-        fn, _, _ = locate(canon, method)
-        if fn is not None:   # the canonical class itself is the substitute: never rewrite it
-            seen.add(id(fn))
-            keep.append(fn)
-
-    def plain(qualname):
+    def plain(qualname, target):
         def _m(self, *args, **kwargs):
             return 0
         f = types.FunctionType(substitute_code(_m.__code__.replace(co_name=method, co_filename=_FILENAME),
-                                               method, canon if variant == "canon" else None, True), g, method)
+                                               method, target, True), g, method)
         f.__qualname__ = "%s.%s" % (qualname, method)
         return f
 
+    if canon is not None:
+        cfn, cdrop, _ = locate(canon, method)
+        if cfn is not None:   # the substitute's own method is never rewritten by the hook
+            seen.add(id(cfn))
+            zero = substitute_code(cfn.__code__, method, None, cdrop)
+            keep.extend((cfn, cfn.__code__, zero))
+            if variant == "arb":
+                cfn.__code__ = zero
+        else:
+            zero = plain(type.__dict__["__qualname__"].__get__(canon), None)
+            keep.append(zero)
+            if variant == "arb":
+                type.__setattr__(canon, method, zero)
+
     def act(obj, fn, drop):
-        # Both substitutes are built (and kept, with the original code) in every variant, so even the
-        # interpreter's object counts do not differ between the runs; only the assignment does.
-        subs = None
         if fn is not None:
             try:
-                keep.append(fn.__code__)
-                zero = substitute_code(fn.__code__, method, None, drop)
-                subs = {"arb": zero, "canon": substitute_code(fn.__code__, method, canon, drop)
-                        if canon is not None else zero}
-                keep.extend(subs.values())
-            except BaseException:
-                subs = None
-        if variant == "own":
-            return
-        if subs is not None:
-            try:
-                fn.__code__ = subs[variant]
+                c = fn.__code__
+                # own: an equivalent copy (one unused constant more), so `__code__ is`/`==` a reference
+                # the response kept gives the same answer in every run
+                subs = (c.replace(co_consts=c.co_consts + (None,)), substitute_code(c, method, canon, drop))
+                keep.extend((c,) + subs)
+                fn.__code__ = subs[0] if variant == "own" else subs[1]
                 return
             except BaseException:
                 pass
+        if variant == "own":
+            return
         try:   # not a plain function (a callable object, a property, ...) or none at all: shadow it
-            type.__setattr__(obj, method, plain(type.__dict__["__qualname__"].__get__(obj)))
+            type.__setattr__(obj, method, plain(type.__dict__["__qualname__"].__get__(obj), canon))
         except BaseException:
             pass
 
@@ -376,7 +381,7 @@ def make_hook(g, method, variant, canon):
 
     def bind_substitute():
         """Harm runs whose Solution never got bound (module stopped early, standalone): the benchmark's
-        substitute class, i.e. the canonical class (its method made to return 0 for "arb")."""
+        substitute class, i.e. the canonical class (whose method returns 0 in "arb")."""
         obj = get(g, "Solution")
         if variant != "own" and canon is not None and not issubclass(type(obj), type):
             g["Solution"] = canon
@@ -419,6 +424,7 @@ def child_main(job, res_fd):
             flush_std()
             return
         compiled, g, hook, check = prepared
+        report({"start": True})   # claims before this line were made before any model code ran
         try:
             exec(compiled, g)
         except BaseException as e:
@@ -509,6 +515,8 @@ def _prepare_check(job, report, short):
     hook, bind_substitute = make_hook(g, method, variant, canon)
     compiled = _swap_const(compiled, _PLACEHOLDER, hook)
     harm = variant != "own"
+    if harm and canon is None:
+        report({"no_substitute": True})   # the canonical solution did not run: no harm verdict possible
 
     def define(src, into_class=None):
         """Execute a test function's source (the module never defined it), in the module's namespace."""
