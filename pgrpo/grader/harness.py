@@ -19,8 +19,9 @@ outputs; it compares them outside. Reports are claims, never verdicts.
 
 Frames on the zygote's pipes: 4-byte big-endian length + UTF-8 JSON.
 Job:   {"kind": "gt"|"check", "code", "setup_code", "tests": [{"fn", "args": [src], "kwargs": {k: src}}],
-        "variant": "own"|"arb"|"canon", "mode", "method", "canonical", "time_limit", "mem_mb", "fsize_mb",
-        "nproc", "result_file", "out_cap", "sentinel_class", "sentinel_attr", "run_tests_func"}
+        "variant": "own"|"arb"|"canon", "mode", "method", "canonical", "test_func": {"form", "parent", "src"}
+        or None, "standalone": bool, "time_limit", "mem_mb", "fsize_mb", "nproc", "result_file", "out_cap",
+        "sentinel_class", "sentinel_attr", "run_tests_func"}  (check jobs: see "Semantics of a job" below)
 Config (first frame): {"workdir", "sweep", "private_dev", "seccomp": bool (False only in tests)};
 ready frame: {"ready", "pid", "uid", "python", "seccomp": "on" | "off: <why>"}.
 Reply: {"status": "ok"|"timeout", "exit": returncode (negative = signal), "results": child JSON lines
