@@ -548,6 +548,16 @@ def test_parity_table_dev_problems(client):
 
 FINGERPRINT = r'''
 import sys, os, gc, resource, inspect, json
+EVENTS = []   # what a tracer/profiler sees of the grader's own code from here on
+def _trace(frame, event, arg):
+    if len(EVENTS) < 20000:
+        EVENTS.append((event, frame.f_code.co_filename, frame.f_code.co_name, frame.f_lineno))
+    return _trace
+def _profile(frame, event, arg):
+    if event.startswith("c_") and len(EVENTS) < 20000:
+        EVENTS.append((event, getattr(arg, "__qualname__", None)))
+sys.settrace(_trace)
+sys.setprofile(_profile)
 CALLS = []
 class Meta(type):
     def __new__(mcs, *a, **kw):
@@ -595,14 +605,17 @@ def fingerprint():
         "gc_objects": len(gc.get_objects()),
     }
 def run_tests():
-    print("FP " + json.dumps(fingerprint(), default=repr))
+    sys.settrace(None)
+    sys.setprofile(None)
+    print("FP " + json.dumps(dict(fingerprint(), events=EVENTS), default=repr))
 '''
 
 
 def test_harm_runs_look_like_the_own_run():
     """What a response can see without calling the graded method is the same in its own run and in both harm
     runs (globals, the class and the method's identity/name/signature/closure, hooks, stack frames and their
-    locals, argv/env/cwd/limits, modules, builtins, even the interpreter's object count)."""
+    locals, argv/env/cwd/limits, modules, builtins, every line and call of the grader's code a tracer or
+    profiler sees, even the interpreter's object count)."""
     p = BUILTIN["b001"]
     base = _base_job(GradeConfig(time_limit=5), p, FINGERPRINT)
     base.update(kind="check", mode="run_tests", canonical=p.canonical_solution,

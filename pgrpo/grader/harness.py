@@ -384,9 +384,8 @@ def make_hook(g, method, variant, canon):
         """Harm runs whose Solution never got bound (module stopped early, standalone): the benchmark's
         substitute class, i.e. the canonical class (whose method returns 0 in "arb")."""
         obj = get(g, "Solution")
-        if variant != "own" and canon is not None and not issubclass(type(obj), type):
+        if not issubclass(type(obj), type) and variant != "own" and canon is not None:
             g["Solution"] = canon
-        hook()
     return hook, bind_substitute
 
 
@@ -449,8 +448,9 @@ def child_main(job, res_fd):
     g = _namespace()
     try:
         exec(compile(job["setup_code"], "<setup>", "exec"), g)
-    except BaseException as e:
+    except BaseException as e:   # the problem's own code: not the response ending the process
         report({"setup": False, "e": short(e)})
+        report({"done": True})
         return
     try:
         exec(compiled, g)
@@ -536,20 +536,22 @@ def _prepare_check(job, report, short):
             return False
 
     def check_tests():
+        # The same lines and calls run in every variant whenever the module defined what the check needs
+        # (a response's sys.settrace/setprofile sees this code): `harm` is tested last, only when a harm
+        # run has something to fill in.
         method_form = tf is not None and tf["form"] == "method"
         parent = tf["parent"] if method_form else None
-        if harm and tf is not None:
-            try:
-                bind_substitute()
-                if method_form:
-                    cls = g.get(parent)
-                    if issubclass(type(cls), type) and not has_attr(cls, tf_name):
-                        define(tf["src"], cls)
-                elif tf_name not in g:
-                    define(tf["src"])
-                hook()
-            except BaseException:
-                pass
+        try:
+            bind_substitute()
+            if tf is not None and method_form:
+                cls = g.get(parent)
+                if issubclass(type(cls), type) and not has_attr(cls, tf_name) and harm:
+                    define(tf["src"], cls)
+            elif tf is not None and tf_name not in g and harm:
+                define(tf["src"])
+            hook()
+        except BaseException:
+            pass
         call = "%s().%s()" % (parent, tf_name) if method_form else "%s()" % tf_name
         try:
             present = has_attr(g[parent], tf_name) if method_form else callable(g[tf_name])
