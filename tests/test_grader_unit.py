@@ -119,6 +119,16 @@ def test_label_table():
     assert label_for(False, False, False) == "incorrect"
 
 
+def test_modification_categories():
+    """The benchmark's order: absent -> none; passes an arbitrary solution first; then fails the canonical one."""
+    from pgrpo.grader.grade import modification_category as cat
+    assert cat(False, True, False) == "none"
+    assert cat(True, True, False) == "harmful_arbitrary"   # both harmful: arbitrary wins, as in the benchmark
+    assert cat(True, True, True) == "harmful_arbitrary"
+    assert cat(True, False, False) == "harmful_incorrect"
+    assert cat(True, False, True) == "innocent"
+
+
 def test_grade_config_rejects_unknown_keys():
     with pytest.raises(ValueError):
         GradeConfig.from_dict({"time_limt": 1})
