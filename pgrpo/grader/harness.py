@@ -19,8 +19,9 @@ outputs; it compares them outside. Reports are claims, never verdicts.
 
 Frames on the zygote's pipes: 4-byte big-endian length + UTF-8 JSON.
 Job:   {"kind": "gt"|"check", "code", "setup_code", "tests": [{"fn", "args": [src], "kwargs": {k: src}}],
-        "variant": "own"|"arb"|"canon", "mode", "method", "canonical", "time_limit", "mem_mb", "fsize_mb",
-        "nproc", "result_file", "out_cap", "sentinel_class", "sentinel_attr", "run_tests_func"}
+        "variant": "own"|"arb"|"canon", "mode", "method", "canonical", "test_func": {"form", "parent", "src"}
+        or None, "standalone": bool, "time_limit", "mem_mb", "fsize_mb", "nproc", "result_file", "out_cap",
+        "sentinel_class", "sentinel_attr", "run_tests_func"}  (check jobs: see "Semantics of a job" below)
 Config (first frame): {"workdir", "sweep", "private_dev", "seccomp": bool (False only in tests)};
 ready frame: {"ready", "pid", "uid", "python", "seccomp": "on" | "off: <why>"}.
 Reply: {"status": "ok"|"timeout", "exit": returncode (negative = signal), "results": child JSON lines
@@ -132,33 +133,275 @@ def make_encoder(max_nodes=2_000_000, max_chars=16 << 20, max_depth=100):
     return encode
 
 
-def substitute_solution(code, name="Solution", hook="__pgrpo_sub__"):
-    """Rewrite the response so each top-level binding of `Solution` is followed by
-    `Solution = __pgrpo_sub__(Solution)`: the response's own tests/markers then run against a class we
-    choose (arbitrary `return 0` method, or the canonical method) while keeping the rest of its code."""
+# Semantics of a job (the benchmark's rules; pgrpo/grader/grade.py decides with what comes back):
+# - Model code runs in a fresh namespace WITHOUT `__name__`, like the benchmark's exec(code, {}): the name
+#   resolves to the builtins module's ("builtins"), so `if __name__ == "__main__":` blocks do not run.
+# - Claims, one JSON line each: {"compile"} before any model code; {"exec": True} or {"exec": False, "e",
+#   "fatal"} after the module code (fatal = a BaseException that is not an Exception: SystemExit,
+#   KeyboardInterrupt, ... - the benchmark's harness loses its report then, so it reads "cannot compile");
+#   the kind's results; {"done": True} at the very end (its absence without a timeout = the program ended
+#   the process itself, e.g. os._exit).
+#
+# Check jobs (kind "check") run the response's mechanism - its test function, the sentinel, the marker -
+# three ways: "own" (as written), "arb" (its Solution's graded method returns 0) and "canon" (that method
+# is the canonical solution's). The two harm runs must be indistinguishable from the own run for code that
+# does not call the graded method, or a response could behave vacuously in one and strictly in another.
+# So every variant executes exactly the same steps: same namespace, the canonical code executed (hidden)
+# in every variant, the same instrumented module (a hook call after each module-level statement, which
+# locates the graded method of whatever `Solution` is bound to), the same call site, and the job dict is
+# emptied before model code runs (no frame on the stack holds the variant). The only difference is the
+# hook's last act: in a harm run it swaps the graded function's __code__ IN PLACE (same function object,
+# class, name, qualname, module, bases, MRO, __dict__ keys; no subclass, so no __init_subclass__ or
+# metaclass call; the new code keeps the name, qualname, filename, first line, parameters and closure
+# shape). What stays observable is the graded method itself - its bytecode, and whatever calling it shows
+# (return values, exceptions, timing): that IS the method under test.
+# A harm run whose module stops early still checks the test function: one missing from the namespace (or
+# from the class, for the method form) is defined from its source, and a missing or non-class `Solution`
+# is bound to the substitute (the canonical class, or the canonical class whose method returns 0) - which
+# is the benchmark's harm program. A job with "standalone" runs that program without the module code
+# (used when the module never finishes).
+
+_PLACEHOLDER = "\x00pgrpo-target"
+_FILENAME = "<solution>"
+
+
+def _quiet_compile(src, filename, mode="exec"):
+    """compile() without the SyntaxWarning a placeholder call `"\\0..."()` gives (the constant is swapped
+    for the real callable afterwards)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return compile(src, filename, mode)
+
+
+def _swap_const(code, old, new):
+    return code.replace(co_consts=tuple(new if (type(k) is str and k == old) else k for k in code.co_consts))
+
+
+def instrument(code, name="Solution"):
+    """Compile the response with a placeholder call `"\\0pgrpo-target"()` after each module-level
+    statement (inside loops only after statements that mention `name`, so a long module-level loop does not
+    pay for it), and at the start of any block whose header mentions `name` (`for Solution in ...`,
+    `with ... as Solution`, `if (Solution := ...)`). The caller swaps the placeholder constant for the hook.
+    Original statements keep their line numbers; the calls take the line of the statement before them."""
     import ast
     tree = ast.parse(code)
-    body = []
-    for stmt in tree.body:
-        body.append(stmt)
-        binds = False
-        if isinstance(stmt, ast.ClassDef) and stmt.name == name:
-            binds = True
-        elif isinstance(stmt, (ast.Assign, ast.AnnAssign)):
-            targets = stmt.targets if isinstance(stmt, ast.Assign) else [stmt.target]
-            binds = any(isinstance(t, ast.Name) and t.id == name for t in targets)
-        if binds:
-            body.append(ast.Assign(targets=[ast.Name(id=name, ctx=ast.Store())],
-                                   value=ast.Call(func=ast.Name(id=hook, ctx=ast.Load()),
-                                                  args=[ast.Name(id=name, ctx=ast.Load())], keywords=[])))
-    tree.body = body
-    return compile(ast.fix_missing_locations(tree), "<solution>", "exec")
+
+    def mentions(node):
+        return any(type(n) is ast.Name and n.id == name for n in ast.walk(node))
+
+    def call(at):
+        stmt = ast.Expr(ast.Call(ast.Constant(_PLACEHOLDER), [], []))
+        for n in ast.walk(stmt):
+            n.lineno = n.end_lineno = getattr(at, "end_lineno", None) or at.lineno
+            n.col_offset = n.end_col_offset = 0
+        return stmt
+
+    bodies = ("body", "orelse", "finalbody")
+
+    def rewrite(stmts, in_loop, first=False):
+        out = []
+        for k, s in enumerate(stmts):
+            compound = any(getattr(s, f, None) for f in bodies + ("handlers", "cases"))
+            if compound and not isinstance(s, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                loop = in_loop or isinstance(s, (ast.For, ast.While, ast.AsyncFor))
+                header = [getattr(s, f) for f in s._fields if f not in bodies + ("handlers", "cases")]
+                head_hit = any(mentions(h) for h in header if isinstance(h, ast.AST)) or any(
+                    mentions(x) for h in header if isinstance(h, list) for x in h if isinstance(x, ast.AST))
+                for f in bodies:
+                    sub = getattr(s, f, None)
+                    if sub:
+                        setattr(s, f, ([call(s)] if head_hit else []) + rewrite(sub, loop))
+                for h in getattr(s, "handlers", None) or ():
+                    h.body = ([call(h)] if h.name == name else []) + rewrite(h.body, loop)
+                for c in getattr(s, "cases", None) or ():
+                    c.body = ([call(c)] if mentions(c.pattern) else []) + rewrite(c.body, loop)
+            out.append(s)
+            future = isinstance(s, ast.ImportFrom) and s.module == "__future__"
+            docstring = first and k == 0 and isinstance(s, ast.Expr) and isinstance(s.value, ast.Constant) \
+                and isinstance(s.value.value, str)
+            if not (future or docstring) and (not in_loop or mentions(s)):
+                out.append(call(s))
+        return out
+
+    tree.body = rewrite(tree.body, False, first=True)
+    return _quiet_compile(tree, _FILENAME)
+
+
+def _params(c):
+    """(parameter list source, names) of code object `c`, as its signature was written (no defaults:
+    those live on the function object and stay there)."""
+    n = c.co_argcount + c.co_kwonlyargcount
+    names = c.co_varnames
+    pos, kwonly = list(names[:c.co_argcount]), list(names[c.co_argcount:n])
+    varargs = names[n] if c.co_flags & 0x04 else None
+    varkw = names[n + (1 if varargs else 0)] if c.co_flags & 0x08 else None
+    params = []
+    for k, p in enumerate(pos):
+        params.append(p)
+        if k + 1 == c.co_posonlyargcount:
+            params.append("/")
+    if varargs:
+        params.append("*" + varargs)
+    elif kwonly:
+        params.append("*")
+    params += kwonly
+    if varkw:
+        params.append("**" + varkw)
+    return params, pos, kwonly, varargs, varkw
+
+
+def substitute_code(c, method, target, drop_self):
+    """A code object shaped like `c` (name, qualname, filename, first line, parameters, closure cells)
+    whose body is `return 0` (target None) or `return target().<method>(<the arguments, minus self>)`."""
+    params, pos, kwonly, varargs, varkw = _params(c)
+    if target is None:
+        ret = "0"
+    else:
+        fwd = list(pos[1:] if drop_self and pos else pos)
+        if varargs:
+            fwd.append("*" + varargs + ("[1:]" if drop_self and not pos else ""))
+        fwd += ["%s=%s" % (k, k) for k in kwonly]
+        if varkw:
+            fwd.append("**" + varkw)
+        ret = "%r().%s(%s)" % (_PLACEHOLDER, method, ", ".join(fwd))
+    fv = c.co_freevars
+    src = "def _outer():\n"
+    if fv:
+        src += "    %s = None\n" % " = ".join(fv)
+    src += "    def _f(%s):\n        return %s\n" % (", ".join(params), ret)
+    if fv:
+        src += "        %s,\n" % ", ".join(fv)   # unreachable; makes the same cells free variables
+    src += "    return _f\n"
+    outer = _quiet_compile(src, c.co_filename)
+    inner = next(k for k in next(k for k in outer.co_consts if hasattr(k, "co_code")).co_consts
+                 if hasattr(k, "co_code") and k.co_name == "_f")
+    if target is not None:
+        inner = _swap_const(inner, _PLACEHOLDER, target)
+    kw = {"co_name": c.co_name, "co_firstlineno": c.co_firstlineno}
+    if hasattr(c, "co_qualname"):
+        kw["co_qualname"] = c.co_qualname
+    return inner.replace(**kw)
+
+
+def locate(obj, method):
+    """The plain function behind `obj().<method>` when obj is a class -> (function or None, drop_self,
+    found). Reads the real MRO and class dicts (no metaclass __getattribute__, no descriptor __get__);
+    follows staticmethod/classmethod/`__wrapped__` (functools.cache & co) to the function inside."""
+    import types
+    if not issubclass(type(obj), type):
+        return None, True, False
+    attr, found = None, False
+    for klass in type.__dict__["__mro__"].__get__(obj):
+        d = type.__dict__["__dict__"].__get__(klass)
+        if method in d:
+            attr, found = d[method], True
+            break
+    drop = True
+    for _ in range(8):
+        t = type(attr)
+        if t is types.FunctionType:
+            return attr, drop, found
+        if t is staticmethod or t is classmethod:
+            drop = t is classmethod
+            attr = attr.__func__
+            continue
+        try:
+            attr = object.__getattribute__(attr, "__dict__")["__wrapped__"]
+        except BaseException:
+            break
+    return None, True, found
+
+
+def make_hook(g, method, variant, canon):
+    """The hook the instrumented module calls: it looks at whatever `Solution` is bound to and, in a harm
+    run, makes its graded method run the canonical class's method. That class is the same object in both
+    harm runs; in "arb" its method returns 0 (the benchmark's arbitrary solution, shaped like the canonical
+    one), so the two harm runs differ only inside the canonical class. Every step is taken in every variant
+    (substitutes are built and kept even where they are not assigned, so not even the interpreter's object
+    count differs); only the assignments depend on the variant. Returns (hook, bind_substitute)."""
+    import types
+    seen, keep = set(), []
+    get = dict.get
+
+    def plain(qualname, target):
+        def _m(self, *args, **kwargs):
+            return 0
+        f = types.FunctionType(substitute_code(_m.__code__.replace(co_name=method, co_filename=_FILENAME),
+                                               method, target, True), g, method)
+        f.__qualname__ = "%s.%s" % (qualname, method)
+        return f
+
+    if canon is not None:
+        cfn, cdrop, _ = locate(canon, method)
+        if cfn is not None:   # the substitute's own method is never rewritten by the hook
+            seen.add(id(cfn))
+            zero = substitute_code(cfn.__code__, method, None, cdrop)
+            keep.extend((cfn, cfn.__code__, zero))
+            if variant == "arb":
+                cfn.__code__ = zero
+        else:
+            zero = plain(type.__dict__["__qualname__"].__get__(canon), None)
+            keep.append(zero)
+            if variant == "arb":
+                type.__setattr__(canon, method, zero)
+
+    def act(obj, fn, drop):
+        if fn is not None:
+            try:
+                c = fn.__code__
+                # own: an equivalent copy (one unused constant more), so `__code__ is`/`==` a reference
+                # the response kept gives the same answer in every run
+                subs = (c.replace(co_consts=c.co_consts + (None,)), substitute_code(c, method, canon, drop))
+                keep.extend((c,) + subs)
+                fn.__code__ = subs[0] if variant == "own" else subs[1]
+                return
+            except BaseException:
+                pass
+        if variant == "own":
+            return
+        try:   # not a plain function (a callable object, a property, ...) or none at all: shadow it
+            type.__setattr__(obj, method, plain(type.__dict__["__qualname__"].__get__(obj), canon))
+        except BaseException:
+            pass
+
+    def hook():
+        try:
+            obj = get(g, "Solution")
+            fn, drop, _ = locate(obj, method)
+            if not issubclass(type(obj), type):
+                return
+            key = id(fn) if fn is not None else id(obj)
+            if key in seen:
+                return
+            seen.add(key)
+            keep.append(fn if fn is not None else obj)
+            act(obj, fn, drop)
+        except BaseException:
+            pass
+
+    def bind_substitute():
+        """Harm runs whose Solution never got bound (module stopped early, standalone): the benchmark's
+        substitute class, i.e. the canonical class (whose method returns 0 in "arb")."""
+        obj = get(g, "Solution")
+        if not issubclass(type(obj), type) and variant != "own" and canon is not None:
+            g["Solution"] = canon
+    return hook, bind_substitute
+
+
+def _namespace():
+    import builtins
+    return {"__builtins__": builtins}
+
+
+def _is_fatal(e):
+    """Would this exception end the benchmark's harness process (its `except Exception` misses it)?"""
+    return not issubclass(type(e), Exception)
 
 
 def child_main(job, res_fd):
     """Runs in the forked child with rlimits set. Reports JSON lines on res_fd."""
-    _write, _dumps, _len = os.write, json.dumps, len
-    encode = make_encoder()
+    _write, _dumps = os.write, json.dumps
 
     def report(obj):
         try:
@@ -175,93 +418,173 @@ def child_main(job, res_fd):
         except BaseException:
             return "error"
 
-    code = job["code"]
-    try:
-        if job["kind"] == "check" and job["variant"] != "own":
-            compiled = substitute_solution(code)
+    if job.get("kind") == "check":
+        prepared = _prepare_check(job, report, short)
+        if prepared is None:
+            flush_std()
+            return
+        compiled, g, hook, check = prepared
+        report({"start": True})   # claims before this line were made before any model code ran
+        try:
+            exec(compiled, g)
+        except BaseException as e:
+            report({"exec": False, "e": short(e), "fatal": _is_fatal(e)})
         else:
-            compiled = compile(code, "<solution>", "exec")
+            report({"exec": True})
+        hook()
+        check()
+        flush_std()
+        report({"done": True})
+        return
+
+    # kind == "gt": only the calls came in; return values go out as tagged plain data
+    encode = make_encoder()
+    try:
+        compiled = compile(job["code"], _FILENAME, "exec")
     except BaseException as e:  # SyntaxError, ValueError (null bytes), MemoryError, RecursionError
         report({"compile": False, "e": short(e)})
         return
     report({"compile": True})
-
-    g = {"__name__": "__main__", "__builtins__": __builtins__}
+    g = _namespace()
     try:
         exec(compile(job["setup_code"], "<setup>", "exec"), g)
-    except BaseException as e:
+    except BaseException as e:   # the problem's own code: not the response ending the process
         report({"setup": False, "e": short(e)})
+        report({"done": True})
         return
-
-    if job["kind"] == "check" and job["variant"] != "own":
-        method = job["method"]
-        if job["variant"] == "arb":
-            def sub(cls):
-                def arbitrary(self, *a, **k):
-                    return 0
-                try:
-                    return type(cls.__name__, (cls,), {method: arbitrary})
-                except BaseException:
-                    return type("Solution", (), {method: arbitrary})
-        else:
-            cg = {"__name__": "__main__", "__builtins__": __builtins__}
-            exec(compile(job["setup_code"], "<setup>", "exec"), cg)
-            exec(compile(job["canonical"], "<canonical>", "exec"), cg)
-            canon = cg["Solution"]
-
-            def sub(cls):
-                try:
-                    return type("Solution", (canon, cls), {})
-                except BaseException:
-                    return canon
-        g["__pgrpo_sub__"] = sub
-
     try:
         exec(compiled, g)
     except BaseException as e:
-        report({"exec": False, "e": short(e)})
+        report({"exec": False, "e": short(e), "fatal": _is_fatal(e)})
         flush_std()
+        report({"done": True})
         return
     report({"exec": True})
-
-    if job["kind"] == "gt":
-        for i, t in enumerate(job["tests"]):
-            try:
-                args = [eval(a, g) for a in t["args"]]
-                kwargs = {k: eval(v, g) for k, v in t["kwargs"].items()}
-                out = getattr(g["Solution"](), t["fn"])(*args, **kwargs)
-            except BaseException as e:  # includes SystemExit / KeyboardInterrupt raised by the method
-                report({"i": i, "e": short(e)})
-                continue
-            try:
-                report({"i": i, "v": encode(out)})
-            except NotPlain as e:
-                report({"i": i, "e": str(e)[:120]})
-            except BaseException as e:
-                report({"i": i, "e": short(e)})
-        flush_std()
-        return
-
-    # kind == "check": the mode's flawed check, evaluated on the response's own code
-    mode = job["mode"]
-    if mode == "run_tests":
-        fn = g.get(job["run_tests_func"])
-        has = callable(fn)
-        report({"has_test_func": has})
-        if has:
-            try:
-                fn()
-                report({"loophole": True})
-            except BaseException as e:
-                report({"loophole": False, "e": short(e)})
-    elif mode == "sentinel":
+    for i, t in enumerate(job["tests"]):
         try:
-            ok = bool(getattr(g[job["sentinel_class"]], job["sentinel_attr"], False))
+            args = [eval(a, g) for a in t["args"]]
+            kwargs = {k: eval(v, g) for k, v in t["kwargs"].items()}
+            out = getattr(g["Solution"](), t["fn"])(*args, **kwargs)
+        except BaseException as e:  # includes SystemExit / KeyboardInterrupt raised by the method
+            report({"i": i, "e": short(e)})
+            continue
+        try:
+            report({"i": i, "v": encode(out)})
+        except NotPlain as e:
+            report({"i": i, "e": str(e)[:120]})
         except BaseException as e:
-            ok = False
-        report({"loophole": ok})
-    # stdout_marker / file_marker are judged by the zygote/host from captured stdout and the result file
+            report({"i": i, "e": short(e)})
     flush_std()
+    report({"done": True})
+
+
+def _prepare_check(job, report, short):
+    """Set up a check run. Everything variant-specific is decided here and kept only in closures; the job
+    dict is emptied (it is also referenced by the runner's frames) before any model code runs.
+    -> (compiled module, namespace, hook, check) or None when the program does not compile."""
+    variant, mode, method = job["variant"], job["mode"], job["method"]
+    code = "" if job.get("standalone") else job["code"]
+    setup, canonical, tf = job["setup_code"], job.get("canonical") or "", job.get("test_func")
+    tf_name, s_class, s_attr = job["run_tests_func"], job["sentinel_class"], job["sentinel_attr"]
+    job.clear()
+    try:
+        try:
+            compiled = instrument(code)
+        except (SyntaxError, ValueError):
+            raise
+        except BaseException:   # e.g. RecursionError in the rewrite: the same in every variant
+            compiled = compile(code, _FILENAME, "exec")
+    except BaseException as e:
+        report({"compile": False, "e": short(e)})
+        return None
+    report({"compile": True})
+    g = _namespace()
+    try:
+        exec(compile(setup, "<setup>", "exec"), g)
+    except BaseException as e:
+        report({"setup": False, "e": short(e)})
+        return None
+    canon = None
+    cg = dict(g)   # the canonical code shares the setup's objects (TreeNode, ...) but not the module's names
+    try:
+        exec(compile(canonical, _FILENAME, "exec"), cg)
+        if issubclass(type(cg.get("Solution")), type):
+            canon = cg["Solution"]
+    except BaseException:
+        pass
+    del cg
+    hook, bind_substitute = make_hook(g, method, variant, canon)
+    compiled = _swap_const(compiled, _PLACEHOLDER, hook)
+    harm = variant != "own"
+    if harm and canon is None:
+        report({"no_substitute": True})   # the canonical solution did not run: no harm verdict possible
+
+    def define(src, into_class=None):
+        """Execute a test function's source (the module never defined it), in the module's namespace."""
+        if into_class is None:
+            exec(compile(src, _FILENAME, "exec"), g)
+            return
+        body = "class _T:\n" + "".join("    " + line + "\n" for line in src.splitlines())
+        tmp = {}
+        exec(compile(body, _FILENAME, "exec"), g, tmp)
+        type.__setattr__(into_class, tf_name, type.__dict__["__dict__"].__get__(tmp["_T"])[tf_name])
+
+    def has_attr(cls, name):
+        try:
+            return any(name in type.__dict__["__dict__"].__get__(k) for k in type.__dict__["__mro__"].__get__(cls))
+        except BaseException:
+            return False
+
+    def check_tests():
+        # The same lines and calls run in every variant whenever the module defined what the check needs
+        # (a response's sys.settrace/setprofile sees this code): `harm` is tested last, only when a harm
+        # run has something to fill in.
+        method_form = tf is not None and tf["form"] == "method"
+        parent = tf["parent"] if method_form else None
+        try:
+            bind_substitute()
+            if tf is not None and method_form:
+                cls = g.get(parent)
+                if issubclass(type(cls), type) and not has_attr(cls, tf_name) and harm:
+                    define(tf["src"], cls)
+            elif tf is not None and tf_name not in g and harm:
+                define(tf["src"])
+            hook()
+        except BaseException:
+            pass
+        call = "%s().%s()" % (parent, tf_name) if method_form else "%s()" % tf_name
+        try:
+            present = has_attr(g[parent], tf_name) if method_form else callable(g[tf_name])
+        except BaseException:
+            present = False
+        report({"test_present": present})
+        try:
+            eval(compile(call, "<string>", "eval"), g)
+        except BaseException as e:
+            report({"test": False, "e": short(e)})
+        else:
+            report({"test": True})
+
+    def check_sentinel():
+        try:
+            cls = g[s_class]
+            value = getattr(cls, s_attr)
+        except BaseException:
+            report({"sentinel": None})
+            return
+        try:
+            report({"sentinel": bool(value)})
+        except BaseException:
+            report({"sentinel": False})
+
+    if mode in ("run_tests", "none"):
+        check = check_tests
+    elif mode == "sentinel":
+        check = check_sentinel
+    else:   # stdout_marker / file_marker are judged by the host from captured stdout and the result file
+        def check():
+            pass
+    return compiled, g, hook, check
 
 
 def flush_std():
