@@ -620,6 +620,9 @@ def test_the_last_claim_per_test_counts():
     assert Report(text + spray).passed(expected) == [False, False, False]
     garbage_after = text + '{"i": 0, "v": [1, 2\n{"i": 1, "e": \n'   # cut-off lines are no claims
     assert Report(garbage_after).passed(expected) == [True, True, False]
+    # a real error claim, longer than the expected value's budget, still beats a forged right value before it
+    raised = '{"i": 0, "v": 6}\n' + json.dumps({"i": 0, "e": "RecursionError" * 8}) + "\n"
+    assert Report(raised).passed([6]) == [False]
 
 
 FORGE = '''

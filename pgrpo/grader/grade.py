@@ -71,7 +71,7 @@ class GradeConfig:
     # (lowest, highest) accepted value of each number: a request may tune the limits, never switch them off
     # (NaN, Infinity, 0 or 10**30 seconds, a 0-byte memory limit) nor make one response cost the service hours.
     BOUNDS = {"time_limit": (0.01, 600.0), "mem_mb": (16, 1 << 16), "fsize_mb": (1, 4096), "nproc": (1, 256),
-              "stdout_cap": (1, 64 << 20), "gt_weight": (0.0, 1e6), "compile_weight": (0.0, 1e6),
+              "stdout_cap": (1, 16 << 20), "gt_weight": (0.0, 1e6), "compile_weight": (0.0, 1e6),
               "max_code_chars": (1, 10_000_000)}
 
     @classmethod
