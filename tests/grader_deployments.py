@@ -68,7 +68,8 @@ os.execv({python!r}, [{python!r}] + sys.argv[1:])
 '''
 
 
-def no_userns_program():
+def no_userns_program(also_eperm=()):
+    """The outer filter's BPF; `also_eperm`: more syscall names to refuse (e.g. an engine without Landlock)."""
     h = harness()
     machine = os.uname().machine
     i = h.ARCH_INDEX[machine]
@@ -76,7 +77,7 @@ def no_userns_program():
     LD, JEQ, JSET, RET = 0x20, 0x15, 0x45, 0x06
     ALLOW, EPERM, ENOSYS = 0x7FFF0000, 0x00050001, 0x00050026
     ins = [(LD, 0, 0, 4), (JEQ, 1, 0, h.AUDIT_ARCH[machine]), (RET, 0, 0, ALLOW), (LD, 0, 0, 0)]
-    denied = [num["unshare"], num["setns"], num["mount"]]
+    denied = [num["unshare"], num["setns"], num["mount"]] + [num[n] for n in also_eperm]
     for k, n in enumerate(denied):   # each jumps to the EPERM at the end
         ins.append((JEQ, 0, 0, n))
     ins += [(JEQ, 0, 0, num["clone3"]), (JEQ, 0, 0, num["clone"]), (RET, 0, 0, ALLOW),
@@ -97,7 +98,7 @@ def no_userns_program():
 class Server:
     """A running `pgrpo grader serve` of one deployment kind; `.client()`, `.pid`, `.stop()`."""
 
-    def __init__(self, kind, workers=1, extra=()):
+    def __init__(self, kind, workers=1, extra=(), also_eperm=(), env=None):
         self.kind = kind
         root = os.geteuid() == 0
         self.dir = tempfile.mkdtemp(prefix=f"pgrpo-{kind}-")
@@ -105,7 +106,7 @@ class Server:
         self.sock = os.path.join(self.dir, "grader.sock")
         self.log_path = os.path.join(self.dir, "server.log")
         python, kw, prefix = sys.executable, {}, []
-        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO), "HOME": self.dir}
+        env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "PYTHONPATH": str(REPO), "HOME": self.dir, **(env or {})}
         args = ["--socket", self.sock, "--workers", str(workers), "--exit-with-parent"] + list(extra)
         if kind != "bwrap":
             args.append("--no-bwrap")
@@ -123,7 +124,7 @@ class Server:
         if kind in ("compose", "root-flat"):
             real = os.path.realpath(python)
             wrapper = os.path.join(self.dir, "python-no-userns")
-            Path(wrapper).write_text(NO_USERNS.format(python=real, prog=no_userns_program()))
+            Path(wrapper).write_text(NO_USERNS.format(python=real, prog=no_userns_program(also_eperm)))
             os.chmod(wrapper, 0o755)
             python = wrapper
         self.log = open(self.log_path, "w+b")

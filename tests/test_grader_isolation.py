@@ -471,6 +471,17 @@ def test_control_unconfined_code_finds_the_answer_key():
     assert all(r["label"] == "incorrect" and r["error"] is None and r["can_compile"] for r in results), results
 
 
+def test_without_any_layer_that_confines_reads_the_grader_refuses_to_start():
+    """The compose setup on an engine whose seccomp profile also refuses Landlock: nothing would keep model code
+    from reading the host's files, so `pgrpo grader serve` says why and exits 2, unless told to grade anyway."""
+    with pytest.raises(AssertionError, match="cannot be isolated here"):
+        Server("compose", also_eperm=("landlock_create_ruleset",))
+    with Server("compose", also_eperm=("landlock_create_ruleset",), env={"PGRPO_SANDBOX_ALLOW_WEAK": "1"}) as srv:
+        sb = srv.health["sandbox"]
+        assert sb["landlock"].startswith("off") and sb["isolation"].startswith("weak: model code could read")
+        assert srv.client().grade([{"problem": SUM, "response": solution(), "mode": "none"}])[0]["label"] == "correct"
+
+
 def test_grader_image_holds_no_problem_data():
     stage = (REPO / "Dockerfile").read_text().split(" AS grader\n", 1)[1].split("\nFROM ", 1)[0]
     copies = [line for line in stage.splitlines() if line.startswith("COPY")]
