@@ -329,6 +329,7 @@ def test_filter_program_for_both_architectures():
             assert call("ioctl", 3, 0x8901) == eperm and call("ioctl", 3, 0x8902) == eperm
             assert call("ioctl", 1, 0x5401) == allow                   # TCGETS (isatty)
             assert call("prlimit64", 0) == allow and call("prlimit64", 1234) == eperm
+            assert call("prctl", 1) == eperm and call("prctl", 15) == allow and call("prctl", 38) == allow
             for foreign in (other, 0x40000003, 0x40000028):   # the other 64-bit arch, i386, arm
                 assert run_bpf(prog, foreign, 1) == eperm
             assert run_bpf(prog, arch, 0x40000000 + 62) == (eperm if machine == "x86_64" else allow)

@@ -333,6 +333,7 @@ SYSCALLS = {
     "sysinfo": (99, 179), "statfs": (137, 43), "fstatfs": (138, 44),
     # allowed, with a look at one argument (SECCOMP_ARGS)
     "fcntl": (72, 25), "ioctl": (16, 29), "prlimit64": (302, 261), "socket": (41, 198), "socketpair": (53, 199),
+    "prctl": (157, 167),
     # called by the harness itself
     "capset": (126, 91), "landlock_create_ruleset": (444, 444), "landlock_add_rule": (445, 445),
     "landlock_restrict_self": (446, 446),
@@ -454,6 +455,7 @@ AF_UNIX, AF_INET, AF_INET6 = 1, 2, 10
 #         concurrent job) and no F_SETOWN/F_SETSIG (SIGIO to any same-uid pid would bypass the kill filter).
 #  ioctl: FIOSETOWN / SIOCSPGRP, the same owner trick on sockets.
 #  prlimit64: own limits only (another process's limits would be a readable channel).
+#  prctl: not PR_SET_PDEATHSIG (the child dies with its runner; it may not undo that).
 #  socket: Unix sockets never (without bwrap the grader's own socket would be reachable), inet only where
 #         each sandbox has its own network namespace; socketpair stays (asyncio).
 F_LOCKISH = (5, 6, 7, 8, 10, 15, 36, 37, 38, 1024, 1026)   # GETLK SETLK SETLKW SETOWN SETSIG SETOWN_EX OFD_* LEASE NOTIFY
@@ -464,7 +466,7 @@ X32_SYSCALL_BIT = 0x40000000
 
 def seccomp_args(inet):
     return (("clone", 0, "mask", (CLONE_NS,)), ("fcntl", 1, "deny", F_LOCKISH),
-            ("ioctl", 1, "deny", (FIOSETOWN, SIOCSPGRP)), ("prlimit64", 0, "allow", (0,)),
+            ("ioctl", 1, "deny", (FIOSETOWN, SIOCSPGRP)), ("prlimit64", 0, "allow", (0,)), ("prctl", 0, "deny", (1,)),
             ("socket", 0, "allow", (AF_INET, AF_INET6) if inet else ()), ("socketpair", 0, "allow", (AF_UNIX,)))
 
 
@@ -898,9 +900,14 @@ class Capture:
         return data.decode("utf-8", "replace")
 
 
-def child_path(job, pipes, jobdir, in_ns):
+def child_path(job, pipes, jobdir, in_ns, parent):
     """The job child: limits, then (in a namespace) no capabilities, Landlock, seccomp, model code."""
     try:
+        # if the runner (or init) is killed, so is the child: without namespaces nothing else would end a job
+        # whose sandbox was torn down mid-run (the filter keeps it from undoing this)
+        libc().prctl(1, int(signal.SIGKILL), 0, 0, 0)   # PR_SET_PDEATHSIG
+        if os.getppid() != parent:
+            os._exit(1)
         res_fd = setup_child(job, pipes[0][1], pipes[1][1], pipes[2][1], jobdir)
         if in_ns:
             drop_capabilities()   # raises: then no model code runs
@@ -934,7 +941,7 @@ def init_main(job, pipes, status_w, jobdir):
         os._exit(1)
     if pid == 0:
         os.close(status_w)
-        child_path(job, pipes, jobdir, in_ns=True)
+        child_path(job, pipes, jobdir, in_ns=True, parent=1)
     os.closerange(3, status_w)   # the job's pipes, the zygote's frames, the ruleset: init needs none of them
     os.closerange(status_w + 1, 65536)
     os.write(status_w, b"S")
@@ -956,6 +963,7 @@ def run_job(job, base, jobdir):
         enter_namespaces(NS["flags"], jobdir, NS["tmp_mb"])
     pipes = [os.pipe() for _ in range(3)]   # results, stdout, stderr
     status_r, status_w = os.pipe() if NS is not None else (None, None)
+    runner = os.getpid()
     pid = os.fork()
     if pid == 0:
         for r, _ in pipes:
@@ -963,7 +971,7 @@ def run_job(job, base, jobdir):
         if NS is not None:
             os.close(status_r)
             init_main(job, pipes, status_w, jobdir)
-        child_path(job, pipes, jobdir, in_ns=False)
+        child_path(job, pipes, jobdir, in_ns=False, parent=runner)
     for _, w in pipes:
         os.close(w)
     if status_w is not None:
