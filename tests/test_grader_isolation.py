@@ -579,6 +579,23 @@ def test_memory_is_capped_for_the_job_as_a_whole(flat):
     assert reply["limit"] == "memory" and reply["wall_s"] < 3, reply
 
 
+def test_flat_mode_caps_the_job_dir():
+    """Without namespaces the job dir lies on a file system other jobs share: filling it (or making tens of
+    thousands of files) ends the job (limit "disk") instead of starving the others of space."""
+    sb = Sandbox(use_bwrap=False, namespaces=False, tmp_mb=16).start()
+    from pgrpo.grader.grade import _base_job
+    fill = "for i in range(40):\n    open('f%d' % i, 'wb').write(b'x' * (4 << 20))\n"
+    many = "for i in range(100000):\n    open('g%d' % i, 'w').close()\n"
+    try:
+        assert sb.info["namespaces"].startswith("off")
+        replies = [sb.run(dict(_base_job(GradeConfig(time_limit=10), SUM, code), kind="gt")) for code in (fill, many)]
+        after = grade_response(SUM, solution(), "none", GradeConfig(time_limit=5), sb)
+    finally:
+        sb.close()
+    assert [r["limit"] for r in replies] == ["disk", "disk"] and all(r["wall_s"] < 8 for r in replies), replies
+    assert after["label"] == "correct"
+
+
 # ----------------------------------------------------------------------------- what the sandbox sends back
 
 def test_claims_compare_structurally():

@@ -36,7 +36,7 @@ Job:   {"kind": "gt"|"check", "code", "setup_code", "tests": [{"fn", "args": [sr
 Config (first frame): {"workdir", "sweep", "private_dev", "private_net", "tmp_mb", "forbid": [paths],
         "seccomp", "namespaces", "isolate": bools (False only in tests)};
 ready frame: {"ready", "pid", "uid", "python", "seccomp", "landlock", "namespaces": "on..." | "off: <why>"}.
-Reply: {"status": "ok"|"timeout", "exit": returncode (negative = signal), "limit": None|"cpu"|"memory",
+Reply: {"status": "ok"|"timeout", "exit": returncode (negative = signal), "limit": None|"cpu"|"memory"|"disk",
         "results": child JSON lines (text: the first RESULT_HEAD and the last RESULT_TAIL bytes),
         "results_truncated", "stdout": head, "stderr": head, "stdout_truncated", "file": result file head or
         None, "wall_s", "cpu_s", "procs"}
@@ -60,6 +60,7 @@ SECCOMP_INSTALL = None    # set by the zygote when the startup probe saw the fil
 LANDLOCK_FD = None        # the job ruleset (built once by the zygote, applied by each child), if it works
 NS = None                 # per-job namespaces: {"flags", "proc", "tmp_mb"} when the startup probe saw them work
 ISOLATE = True            # False only in the tests' controls: no per-job layer, no cleanup
+DISK_MB = 64              # the job dir's size cap (the per-job tmpfs's size; polled in the flat mode)
 BASE_RSS = 0              # resident pages of the zygote, which every forked job process shares copy-on-write
 ERR_CAP = 4096
 MAX_FRAME = 256 << 20
@@ -837,6 +838,29 @@ def read_result_file(jobdir, name):
 
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+DISK_ENTRIES = 16384      # flat mode: files a job dir may hold (with namespaces: the tmpfs's own nr_inodes cap)
+
+
+def dir_usage(path, max_entries=DISK_ENTRIES):
+    """(bytes allocated, entries) beneath `path`, walking at most max_entries + 1 entries (never symlinks)."""
+    total, count, todo = 0, 0, [path]
+    while todo and count <= max_entries:
+        try:
+            with os.scandir(todo.pop()) as it:
+                for e in it:
+                    count += 1
+                    if count > max_entries:
+                        break
+                    try:
+                        st = e.stat(follow_symlinks=False)
+                    except OSError:
+                        continue
+                    total += st.st_blocks * 512
+                    if stat.S_ISDIR(st.st_mode):
+                        todo.append(e.path)
+        except OSError:
+            continue
+    return total, count
 
 
 def proc_usage(root, skip=()):
@@ -989,6 +1013,10 @@ def run_job(job, base, jobdir):
     else:
         root, skip = os.getppid(), (os.getppid(), os.getpid())
     poll = int(job.get("nproc_rlimit", job["nproc"])) > 1   # a single process is bounded by its own rlimits
+    # without namespaces the job dir lies on a file system other jobs share (the container's /tmp): cap it here,
+    # as the per-job tmpfs does by itself (size, nr_inodes)
+    disk_budget = None if NS is not None else DISK_MB << 20
+    next_disk = t0 + 2 * POLL_S
     status, exit_code, limit, started, reaped = "ok", None, None, NS is None, False
     grace_until = None
     next_poll, cpu_s, procs, job_pids = t0 + POLL_S, 0.0, 1, []
@@ -1008,6 +1036,12 @@ def run_job(job, base, jobdir):
             break
         if grace_until is not None and now >= grace_until:
             break
+        if disk_budget is not None and exit_code is None and now >= next_disk:
+            next_disk = now + 2 * POLL_S
+            used, entries = dir_usage(jobdir)
+            if used > disk_budget or entries > DISK_ENTRIES:
+                limit = "disk"
+                break
         if poll and started and exit_code is None and now >= next_poll:
             next_poll = now + POLL_S
             job_pids, cpu_s, rss = proc_usage(root, skip)
@@ -1019,7 +1053,8 @@ def run_job(job, base, jobdir):
                 limit = "memory"
                 break
         limit_t = deadline if grace_until is None else grace_until
-        wait = max(0.0, min(limit_t - now, next_poll - now if poll and started else 0.05, 0.05))
+        wait = max(0.0, min(limit_t - now, next_poll - now if poll and started else 0.05,
+                            next_disk - now if disk_budget is not None else 0.05, 0.05))
         ready, _, _ = select.select(list(open_fds), [], [], wait)
         for fd in ready:
             i = open_fds[fd]
@@ -1190,8 +1225,9 @@ def main():
     os.makedirs(jobdir, 0o700, exist_ok=True)
     # test knobs (the host sets them only in tests that show what each layer stops): "isolate": False turns
     # every per-job layer off, cleanup included; "seccomp": False turns seccomp and Landlock off
-    global NS, SECCOMP_INSTALL, LANDLOCK_FD, BASE_RSS, ISOLATE
+    global NS, SECCOMP_INSTALL, LANDLOCK_FD, BASE_RSS, ISOLATE, DISK_MB
     ISOLATE = bool(cfg.get("isolate", True))
+    DISK_MB = int(cfg.get("tmp_mb", DISK_MB))
     layers = ISOLATE and cfg.get("seccomp", True)
     if ISOLATE and cfg.get("namespaces", True):
         NS, namespaces = ns_prepare(jobdir, not cfg.get("private_net", False), int(cfg.get("tmp_mb", 64)))
