@@ -50,6 +50,8 @@ Threat model (what a response may try, and what stops it)
   runner polls the job's processes (its /proc, or the descendants of the zygote) and kills the job once all of
   them together used `time_limit` core-seconds or hold `mem_mb` resident; the wall limit kills the job's init
   (or process group, plus a sweep). With per-job user namespaces RLIMIT_NPROC counts the job's tasks only.
+  Disk: the per-job tmpfs is size- and inode-capped; in the flat mode the runner polls the job dir (on the
+  container's shared /tmp) and ends the job past the same caps. The child dies with its runner (PDEATHSIG).
   A dead zygote is replaced and the item retried once, then answered as a failure; outputs are read with caps.
 - Signal or tamper with other processes: `os.kill(-1, 9)`, killing its parent chain or the server, SIGIO via
   F_SETOWN, pidfd_send_signal, ptrace, process_vm_readv/writev. Where there is neither bwrap nor a uid drop (the
