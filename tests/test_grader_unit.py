@@ -11,7 +11,8 @@ from helpers import SHARED
 
 from pgrpo.data.problems import builtin_problems
 from pgrpo.grader.extract import extract_code
-from pgrpo.grader.grade import (GradeConfig, Invalid, decode_plain, grade_response, label_for, parse_test)
+from pgrpo.grader.claims import matches
+from pgrpo.grader.grade import GradeConfig, grade_response, label_for, parse_test
 from pgrpo.grader.sandbox import Sandbox
 
 REPO = Path(__file__).resolve().parents[1]
@@ -95,17 +96,15 @@ def test_every_shipped_and_dev_assert_is_hack_proof(shared_rows):
             assert "opaque" not in parse_test(a), a
 
 
-def test_decode_plain_is_strict():
-    assert decode_plain([1, {"t": [2.5, "x"]}, {"d": [[{"t": [1, 2]}, {"s": [1]}]]}, None, True]) == \
-        [1, (2.5, "x"), {(1, 2): {1}}, None, True]
-    assert decode_plain({"f": [1, 2]}) == frozenset({1, 2})
+def test_claims_are_strict_plain_data():
+    """A claim is read against the expected value (claims.py; more in test_grader_isolation.py)."""
+    assert matches([1, (2.5, "x"), {(1, 2): {1}}, None, True],
+                   [1, {"t": [2.5, "x"]}, {"d": [[{"t": [1, 2]}, {"s": [1]}]]}, None, True])
+    assert matches(frozenset({1, 2}), {"f": [2, 1]})
     for bad in ({"x": 1}, {"t": 1}, {"s": [[1]]}, {"d": [[1]]}, {"t": [], "s": []}):
-        with pytest.raises(Invalid):
-            decode_plain(bad)
+        assert not matches((), bad) and not matches({1}, bad)
     # Python equality semantics on plain data: tuple != list, 1 == 1.0, nan != nan
-    assert decode_plain({"t": [1]}) != [1]
-    assert decode_plain(1.0) == 1
-    assert decode_plain(float("nan")) != float("nan")
+    assert not matches([1], {"t": [1]}) and matches(1, 1.0) and not matches(float("nan"), float("nan"))
 
 
 def test_label_table():
@@ -182,7 +181,9 @@ def test_nothing_carries_over_between_jobs_of_one_sandbox():
              "        open(os.path.join(d, 'stash-x'), 'w').write('6')\n    except OSError:\n        pass\n"
              "if os.fork() == 0:\n    os.setsid()\n    import time\n    time.sleep(30)\n    os._exit(0)\n")
     look = ("import os\nFOUND = any(os.path.exists(os.path.join(d, 'stash-x')) for d in ('/tmp', '/dev/shm', '.', '..'))\n"
-            "FOUND = FOUND or sum(n.isdigit() for n in os.listdir('/proc')) > 4   # init, zygote, runner, us\n")
+            "try:   # (Landlock may deny reading /proc; the canaries in test_grader_isolation.py look harder)\n"
+            "    FOUND = FOUND or sum(n.isdigit() for n in os.listdir('/proc')) > 4   # init, zygote, runner, us\n"
+            "except PermissionError:\n    pass\n")
     honest = "class Solution:\n    def sumOfEvens(self, nums):\n        return -1 if FOUND else sum(x for x in nums if x % 2 == 0)\n"
     sb = Sandbox().start()
     try:
