@@ -52,8 +52,12 @@ FROM ${GRADER_IMAGE} AS grader
 ARG APP_UID
 # The container is the sandbox here: compose runs it with no network, read-only root, no capabilities and
 # pid/memory limits. bubblewrap is deliberately absent (user namespaces are blocked by the default seccomp
-# profile anyway); each execution gets rlimits, its own process group and private dir, a seccomp filter (no
-# signals to other processes, no ptrace, no Unix sockets) and Landlock (writes only in its own dir).
+# profile anyway), so the sandbox runs in its flat mode: each execution gets rlimits, its own process group and
+# private dir, a seccomp filter (no signals to other processes, no ptrace, no Unix sockets, no SysV IPC, keys,
+# message queues, namespaces, metadata changes or locks) and Landlock (reads only the interpreter's files and
+# its own dir, writes only its own dir); it may not create processes, and its dir is wiped after it.
+# No problem data in this image (no .jsonl, no pairs.json): the trainer sends each problem row over the socket,
+# and what is not here cannot be read by a response.
 RUN groupadd --gid "${APP_UID}" pgrpo \
  && useradd --uid "${APP_UID}" --gid "${APP_UID}" --no-create-home --home-dir /tmp --shell /usr/sbin/nologin pgrpo \
  && mkdir -p /sock && chown "${APP_UID}:${APP_UID}" /sock
@@ -61,7 +65,7 @@ WORKDIR /app
 # Only the torch-free part of the package: the CLI dispatcher imports subcommands lazily.
 COPY pgrpo/__init__.py pgrpo/__main__.py pgrpo/errors.py pgrpo/cli.py /app/pgrpo/
 COPY pgrpo/grader /app/pgrpo/grader
-COPY pgrpo/data /app/pgrpo/data
+COPY pgrpo/data/__init__.py pgrpo/data/problems.py pgrpo/data/prompts.py /app/pgrpo/data/
 COPY --chmod=0755 deploy/healthcheck.py /usr/local/bin/pgrpo-healthcheck
 ENV PYTHONPATH=/app PYTHONDONTWRITEBYTECODE=1 PYTHONUNBUFFERED=1 HOME=/tmp
 USER ${APP_UID}:${APP_UID}

@@ -17,6 +17,7 @@ import urllib.request
 
 
 def grader_health(path: str, timeout: float = 5.0) -> dict:
+    # Its own copy of the frame (pgrpo/grader/frame.py is the host side's): a probe must not import pgrpo.
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
         s.settimeout(timeout)
         s.connect(path)

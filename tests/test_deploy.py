@@ -684,9 +684,15 @@ def test_grader_in_fresh_network_namespace_has_no_network(tmp_path):
         assert honest["label"] == "correct" and honest["gt_pass"] is True
         assert net["gt_pass"] is False and net["label"] == "incorrect" and net["can_compile"] is True
         assert results["isolated_connections"] == 0
-        honest, net = results["control"]   # without the namespace the same code reaches the listener
-        assert honest["label"] == "correct" and net["label"] == "correct", net
-        assert results["control_connections"] > 0
+        # without the namespace the grader's own layers still keep the job off the network (a per-job network
+        # namespace where user namespaces work, Landlock's TCP rule, seccomp's socket rule in the flat mode) ...
+        honest, net = results["control"]
+        assert honest["label"] == "correct" and net["label"] == "incorrect", net
+        assert results["control_connections"] == 0
+        # ... while the same code outside any sandbox reaches the listener (so the test can fail)
+        direct = subprocess.run([sys.executable, "-c", NET_RESPONSE.format(port=port) +
+                                 "\nassert Solution().sumOfEvens([2]) == 2\n"], capture_output=True, timeout=60)
+        assert direct.returncode == 0, direct.stderr[-500:]
     finally:
         stop.set()
         t.join(timeout=5)

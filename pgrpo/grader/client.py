@@ -1,11 +1,9 @@
 """Trainer side of the grader: a socket client with timeouts and retries, and LocalGrader, which runs the
 server as a child process (`python -m pgrpo grader serve`) when no sidecar container is around."""
-import json
 import os
 import shutil
 import signal
 import socket
-import struct
 import subprocess
 import sys
 import tempfile
@@ -13,22 +11,13 @@ import time
 from dataclasses import asdict, is_dataclass
 
 from pgrpo.errors import UserError
+from pgrpo.grader import frame
 
 MAX_REPLY = 512 << 20
 
 
 class GraderError(Exception):
     """The grader answered {"ok": false} (a bad request) or could not be reached after all retries."""
-
-
-def _recv_exact(sock, n):
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise ConnectionError("grader closed the connection mid-reply")
-        buf += chunk
-    return bytes(buf)
 
 
 def _row(problem):
@@ -59,16 +48,19 @@ class GraderClient:
             self.on_outcome(outcome)
 
     def _call_once(self, req):
-        body = json.dumps(req).encode("utf-8")
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
             s.settimeout(self.connect_timeout)
             s.connect(self.socket_path)
             s.settimeout(self.timeout)
-            s.sendall(struct.pack(">I", len(body)) + body)
-            (n,) = struct.unpack(">I", _recv_exact(s, 4))
-            if n > MAX_REPLY:
-                raise ConnectionError("grader reply too large")
-            return json.loads(_recv_exact(s, n).decode("utf-8"))
+            frame.send(s, req)
+            # the whole request may take `timeout` to grade; once the reply starts it must keep coming
+            reply = frame.recv(s, MAX_REPLY, idle_s=self.timeout, stall_s=min(self.timeout, 60.0), what="reply",
+                               idle_raises=True)
+            if reply is None:
+                raise ConnectionError("grader closed the connection without a reply")
+            if type(reply) is not dict:
+                raise ConnectionError("grader reply is not a JSON object")
+            return reply
 
     def call(self, req):
         last = None
@@ -82,7 +74,7 @@ class GraderClient:
                 self._count("timeout")
                 last = e
                 continue
-            except (OSError, ConnectionError, ValueError, struct.error) as e:
+            except (OSError, frame.FrameError) as e:
                 last = e
                 continue
             if not reply.get("ok"):

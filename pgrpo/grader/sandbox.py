@@ -2,44 +2,52 @@
 
 Why a zygote: starting `python` costs ~15-25 ms plus the setup-code imports, more than most responses take
 to test. The zygote (harness.py) starts once inside bubblewrap, imports the usual modules, and per job
-forks a pristine runner that forks the child running model code; the child gets its own session/process
-group, rlimits (CPU, address space, file size, process count) and a private working dir; the wall-clock
-limit SIGKILLs the child's whole group, then the zygote kills every other process left in the sandbox.
-Cost: ~5-10 ms per job instead of a ~20-80 ms interpreter start.
+forks a pristine runner that starts the job (in namespaces of its own where the kernel allows); the child
+gets rlimits, a private working dir, Landlock and a seccomp filter; the runner enforces the wall limit and
+the job's aggregate CPU and memory, and nothing of the job outlives it (see harness.py). Cost: a few ms per
+job instead of a ~20-80 ms interpreter start.
 
 Layers (outermost first):
 - bubblewrap when `bwrap` works here: new user/pid/net/ipc/uts/cgroup namespaces (no network), read-only
-  /usr (+ the interpreter prefix), nothing else of the host filesystem (no repo, no /root, no problem files
-  with answers), a size-capped private tmpfs /tmp, `--die-with-parent`, `--new-session`, no nested userns.
+  /usr (+ the interpreter prefix) with every site-/dist-packages dir hidden, nothing else of the host
+  filesystem (no repo, no /root, no problem files with answers), a size-capped private tmpfs /tmp,
+  `--die-with-parent`, `--new-session`. (Nested user namespaces stay possible for the zygote's per-job
+  namespaces; jobs themselves cannot create any: the seccomp filter refuses unshare/clone flags/clone3.)
 - when the grader runs as root: the sandbox drops to its own uid per worker (so RLIMIT_NPROC is enforced,
   it cannot touch root-owned files, and a sweep `kill(-1)` only reaches the sandbox's own processes).
-- the zygote and everything in it form one process group; killing the worker kills the group.
-- in each job child, a seccomp filter (harness.py) refuses kill/tkill/tgkill/rt_(tg)sigqueueinfo/pidfd_*/
-  ptrace/process_vm_*, socket(AF_UNIX) and io_uring with EPERM, so even a job sharing our uid cannot
-  signal or tamper with this process, nor talk to a Unix socket (the grader's own included); Landlock
-  limits its file writes to its own job dir (and /dev), so it cannot unlink the grader's socket either.
-Without bwrap (e.g. a container that already forbids user namespaces) the remaining layers are rlimits,
-process groups, a private dir, the seccomp filter and the uid drop; the container must supply no-network and
-a read-only root. Without bwrap and without a uid drop this process makes itself non-dumpable (its /proc
+- per job, in the zygote: fresh user/pid/ipc/mount/uts (+net without bwrap) namespaces, a read-only view of
+  every mount and a fresh tmpfs job dir; or, where user namespaces are refused (Docker's default profile),
+  the flat mode (harness.py docstring).
+- in each job child: rlimits (CPU, address space, file size, processes, open files), Landlock (read only the
+  interpreter's files and the job dir, write only the job dir, no TCP, no signals or abstract sockets out of
+  the job) and a seccomp filter (no signals/ptrace to anyone, no Unix sockets, no SysV IPC, keys, message
+  queues, memfds, namespaces, file metadata changes or locks).
+Where those cannot isolate jobs the sandbox refuses to start (`IsolationError`), unless the environment says
+PGRPO_SANDBOX_ALLOW_WEAK=1: reads need bwrap or Landlock; without per-job namespaces, seccomp and Landlock
+are both needed. Without bwrap and without a uid drop this process makes itself non-dumpable (its /proc
 mem/fd/environ are then closed to the jobs, which share its uid).
 """
-import json
 import os
-import select
 import shutil
 import signal
-import struct
 import subprocess
 import sys
 import tempfile
 import time
 
+from pgrpo.grader import frame
+
 HARNESS_PATH = os.path.join(os.path.dirname(os.path.abspath(__file__)), "harness.py")
-MAX_REPLY = 256 << 20
+PACKAGE_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # .../pgrpo: carries the problem data
+MAX_REPLY = 128 << 20   # the runner caps what it sends: 8.25 MB of result lines (x6 when JSON-escaped) + stdout
 
 
 class SandboxError(Exception):
     """The zygote died, hung or answered garbage; the worker replaces it."""
+
+
+class IsolationError(SandboxError):
+    """The layers this kernel/container allows cannot keep jobs apart: the sandbox refuses to start."""
 
 
 def _world_executable(path):
@@ -104,8 +112,30 @@ def bwrap_works(python, drop_uid):
     return _BWRAP_OK[key]
 
 
+def package_dirs(python):
+    """site-/dist-packages dirs of `python` that exist: where a pip-installed pgrpo (and its problem data)
+    would be. bwrap hides them; Landlock does not grant them (harness.interpreter_paths)."""
+    real = os.path.realpath
+    prefix = os.path.dirname(os.path.dirname(real(python)))
+    out = set()
+    for root in (prefix, "/usr", "/usr/local"):
+        for lib in ("lib", "lib64"):
+            d = os.path.join(root, lib)
+            try:
+                names = os.listdir(d)
+            except OSError:
+                continue
+            for name in names:
+                if name.startswith("python3"):
+                    for sub in ("site-packages", "dist-packages"):
+                        p = os.path.join(d, name, sub)
+                        if os.path.isdir(p):
+                            out.add(real(p))
+    return sorted(out)
+
+
 def bwrap_argv(python, tmp_bytes, as_root=False):
-    argv = ["bwrap", "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session", "--disable-userns",
+    argv = ["bwrap", "--unshare-all", "--unshare-user", "--die-with-parent", "--new-session",
             "--ro-bind", "/usr", "/usr"]
     if as_root:   # bwrap keeps capabilities for a privileged caller unless told otherwise
         argv += ["--cap-drop", "ALL"]
@@ -117,6 +147,9 @@ def bwrap_argv(python, tmp_bytes, as_root=False):
     prefix = os.path.dirname(os.path.dirname(os.path.realpath(python)))
     if not (prefix == "/usr" or prefix.startswith("/usr/")):
         argv += ["--ro-bind", prefix, prefix]
+    for d in package_dirs(python):   # empty and read-only in here
+        if d == "/usr" or d.startswith("/usr/") or d.startswith(prefix + "/"):
+            argv += ["--tmpfs", d, "--remount-ro", d]
     argv += ["--size", str(tmp_bytes), "--tmpfs", "/tmp", "--dev", "/dev", "--proc", "/proc",
              "--hostname", "sandbox", "--chdir", "/tmp"]
     return argv
@@ -128,22 +161,6 @@ def _dropper(uid):
         os.setgid(uid)
         os.setuid(uid)
     return drop
-
-
-def _read_exact(fd, n, deadline):
-    buf = bytearray()
-    while len(buf) < n:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise SandboxError("sandbox did not answer in time")
-        r, _, _ = select.select([fd], [], [], left)
-        if not r:
-            continue
-        chunk = os.read(fd, n - len(buf))
-        if not chunk:
-            raise SandboxError("sandbox exited")
-        buf += chunk
-    return bytes(buf)
 
 
 _WARNED = set()
@@ -161,15 +178,32 @@ def _make_host_undumpable():
         pass
 
 
+def isolation_gaps(bwrap, namespaces, seccomp, landlock):
+    """What the available layers leave open between jobs -> list of short reasons ([] = isolated)."""
+    gaps = []
+    if not bwrap and not landlock.startswith("on"):
+        gaps.append("model code could read the host's files: no bubblewrap and Landlock is " + landlock)
+    if not namespaces.startswith("on"):
+        if not seccomp.startswith("on"):
+            gaps.append("no per-job namespaces (" + namespaces + ") and seccomp is " + seccomp)
+        if not landlock.startswith("on"):
+            gaps.append("no per-job namespaces (" + namespaces + ") and Landlock is " + landlock)
+    return gaps
+
+
 class Sandbox:
     """One zygote. `run(job)` sends a job and returns the zygote's reply dict; raises SandboxError if the
     zygote crashed/hung (the zygote is then dead; call `start()` again or let the worker restart it).
     Start it from a thread that outlives it: bwrap's --die-with-parent follows the starting thread."""
 
-    def __init__(self, slot=0, use_bwrap="auto", tmp_mb=64, seccomp=True):
+    def __init__(self, slot=0, use_bwrap="auto", tmp_mb=64, seccomp=True, namespaces=True, isolate=True):
         self.slot = slot
         self.use_bwrap = use_bwrap
-        self.seccomp = seccomp   # False only in tests that show what the filter stops
+        # test knobs, False only in tests that show what a layer stops: seccomp (seccomp and Landlock),
+        # namespaces (the per-job ones: False gives the flat mode), isolate (every per-job layer and the cleanup)
+        self.seccomp = seccomp
+        self.namespaces = namespaces
+        self.isolate = isolate
         self.tmp_mb = tmp_mb
         self.proc = None
         self.info = {}
@@ -215,18 +249,35 @@ class Sandbox:
                                      preexec_fn=_dropper(uid) if uid is not None else None)
         # sweep = kill(-1) after each job: safe only inside our own pid namespace or our own uid
         self._send({"workdir": workdir, "sweep": bool(bw or uid is not None), "private_dev": bool(bw),
-                    "seccomp": bool(self.seccomp)})
-        ready = self._recv(time.monotonic() + timeout)
-        if not ready.get("ready"):
+                    "private_net": bool(bw), "tmp_mb": int(self.tmp_mb), "seccomp": bool(self.seccomp),
+                    "namespaces": bool(self.namespaces), "isolate": bool(self.isolate),
+                    "forbid": [PACKAGE_DIR, os.path.dirname(PACKAGE_DIR)]})
+        try:
+            ready = self._recv(time.monotonic() + timeout)
+        except SandboxError:
+            self.close()
+            raise
+        if not isinstance(ready, dict) or not ready.get("ready"):
+            self.close()
             raise SandboxError("sandbox failed to start")
         seccomp = str(ready.get("seccomp", "off: unknown"))
-        if seccomp != "on" and self.seccomp and seccomp not in _WARNED:
+        landlock = str(ready.get("landlock", "off: unknown"))
+        namespaces = str(ready.get("namespaces", "off: unknown"))
+        weak = isolation_gaps(bool(bw), namespaces, seccomp, landlock)
+        tested = not (self.seccomp and self.namespaces and self.isolate)   # a test asked for fewer layers
+        if weak and not tested and os.environ.get("PGRPO_SANDBOX_ALLOW_WEAK") != "1":
+            self.close()
+            raise IsolationError("jobs cannot be isolated here (" + "; ".join(weak) + "): run the grader where "
+                                 "bubblewrap or user namespaces work, on a kernel with Landlock (5.13+) and "
+                                 "seccomp, or set PGRPO_SANDBOX_ALLOW_WEAK=1 to grade anyway.")
+        if seccomp != "on" and not tested and seccomp not in _WARNED:
             _WARNED.add(seccomp)
             print(f"pgrpo grader: WARNING: seccomp filter for jobs is {seccomp}; a response could signal "
                   f"other processes of uid {uid if uid is not None else os.geteuid()}", file=sys.stderr, flush=True)
         self.info = {"bwrap": bool(bw), "uid": uid if uid is not None else os.geteuid(),
                      "python": python, "python_version": ready.get("python"), "pid": self.proc.pid,
-                     "seccomp": seccomp, "landlock": str(ready.get("landlock", "off: unknown"))}
+                     "seccomp": seccomp, "landlock": landlock, "namespaces": namespaces,
+                     "isolation": "weak: " + "; ".join(weak) if weak else "full"}
         return self
 
     def alive(self):
@@ -260,24 +311,18 @@ class Sandbox:
             shutil.rmtree(self._hostdir, ignore_errors=True)
             self._hostdir = None
 
-    # --- protocol
+    # --- protocol (frames: frame.py)
     def _send(self, obj):
-        body = json.dumps(obj).encode("utf-8")
         try:
-            self.proc.stdin.write(struct.pack(">I", len(body)) + body)
-            self.proc.stdin.flush()
+            frame.write_fd(self.proc.stdin, obj)
         except (BrokenPipeError, OSError, ValueError) as e:
             raise SandboxError(f"sandbox pipe closed ({e.__class__.__name__})") from None
 
     def _recv(self, deadline):
-        fd = self.proc.stdout.fileno()
-        (n,) = struct.unpack(">I", _read_exact(fd, 4, deadline))
-        if n > MAX_REPLY:
-            raise SandboxError("sandbox reply too large")
         try:
-            return json.loads(_read_exact(fd, n, deadline).decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
-            raise SandboxError("sandbox reply is not JSON") from None
+            return frame.read_fd(self.proc.stdout.fileno(), MAX_REPLY, deadline)
+        except frame.FrameError as e:
+            raise SandboxError(f"sandbox reply: {e}") from None
 
     def run(self, job, grace=10.0):
         """Run one job; the zygote enforces job["time_limit"]; we allow `grace` seconds on top."""

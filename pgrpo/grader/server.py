@@ -6,9 +6,11 @@ big-endian length followed by that many bytes of UTF-8 JSON.
   {"op": "grade", "items": [{"problem": <jsonl row>, "response": str, "mode": str, "id": any}, ...],
    "config": {<GradeConfig overrides>}}             -> {"ok": true, "results": [<result>, ...]} (in order)
   anything wrong                                    -> {"ok": false, "error": "one sentence"}
-Malformed JSON, unknown ops and invalid items get an error reply and the connection stays usable. An
-oversized length prefix, or a frame cut short (EOF or 30 s stall mid-frame), gets an error reply and that
-connection is closed (the stream cannot be re-synchronised); the server keeps serving everyone else.
+Malformed JSON, unknown ops and invalid items (config values out of bounds, NaN or Infinity included) get an
+error reply and the connection stays usable. An oversized length prefix, or a frame cut short (EOF, or a stall
+of --stall-timeout seconds, default 30, anywhere after its first byte: 1-3 bytes of a length prefix count),
+gets an error reply and that connection is closed (the stream cannot be re-synchronised); the server keeps
+serving everyone else. The frame code lives in frame.py.
 
 Workers: N threads, each owning one sandboxed zygote (sandbox.py). Items of all requests go through one
 queue, so a batch is graded in parallel across workers. If a zygote dies or hangs mid-item (killed, OOM,
@@ -16,13 +18,11 @@ a response that kills it) the worker starts a new one and retries the item once;
 item is answered as a failure with `error` set. No item is ever dropped.
 """
 import argparse
-import json
 import os
 import queue
 import signal
 import socket
 import socketserver
-import struct
 import sys
 import threading
 import time
@@ -30,33 +30,14 @@ import time
 from pgrpo.data import prompts
 from pgrpo.data.problems import problem_from_row
 from pgrpo.errors import UserError
+from pgrpo.grader import frame
+from pgrpo.grader.frame import FrameError
 from pgrpo.grader.grade import GradeConfig, error_result, grade_response
 from pgrpo.grader.sandbox import Sandbox, SandboxError
 
 DEFAULT_MAX_REQUEST = 64 << 20
 FRAME_STALL_S = 30.0
 IDLE_S = 3600.0
-
-
-class FrameError(Exception):
-    def __init__(self, msg, fatal):
-        super().__init__(msg)
-        self.fatal = fatal   # the connection cannot continue after this
-
-
-def recv_exact(sock, n):
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = sock.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            return bytes(buf)
-        buf += chunk
-    return bytes(buf)
-
-
-def send_frame(sock, obj):
-    body = json.dumps(obj, allow_nan=True).encode("utf-8")
-    sock.sendall(struct.pack(">I", len(body)) + body)
 
 
 class _Batch:
@@ -121,9 +102,11 @@ class GraderServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
     daemon_threads = True
     allow_reuse_address = True
 
-    def __init__(self, path, workers=2, max_request=DEFAULT_MAX_REQUEST, use_bwrap="auto", config=None):
+    def __init__(self, path, workers=2, max_request=DEFAULT_MAX_REQUEST, use_bwrap="auto", config=None,
+                 stall_s=FRAME_STALL_S):
         self.path = path
         self.max_request = max_request
+        self.stall_s = stall_s
         self.use_bwrap = use_bwrap
         self.config = config or GradeConfig()
         self.queue = queue.Queue()
@@ -142,8 +125,16 @@ class GraderServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
         super().__init__(path, _Handler)
         os.chmod(path, 0o666)   # the trainer may run as another uid on the shared volume
         self.workers = [Worker(self, i) for i in range(workers)]
+        try:
+            for w in self.workers:
+                w.sandbox.start()   # fail fast if the sandbox cannot start at all
+        except BaseException:
+            for w in self.workers:
+                w.sandbox.close()
+            self.server_close()
+            os.unlink(path)
+            raise
         for w in self.workers:
-            w.sandbox.start()   # fail fast if the sandbox cannot start at all
             w.start()
 
     def count(self, key, n=1):
@@ -157,7 +148,7 @@ class GraderServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
                 "sandbox_pids": [getattr(w.sandbox.proc, "pid", None) for w in self.workers],
                 "restarts": sum(max(0, w.restarts) for w in self.workers),
                 "sandbox": {k: info.get(k) for k in ("bwrap", "uid", "python", "python_version", "seccomp",
-                                                      "landlock")},
+                                                      "landlock", "namespaces", "isolation")},
                 "queue": self.queue.qsize(), "uptime_s": round(time.time() - self.started, 1),
                 "pid": os.getpid(), "config": self.config.to_dict(), **self.counters}
 
@@ -214,30 +205,11 @@ class GraderServer(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):
 
 class _Handler(socketserver.BaseRequestHandler):
     def read_frame(self):
-        sock = self.request
-        sock.settimeout(IDLE_S)
         try:
-            head = recv_exact(sock, 4)
-        except (socket.timeout, OSError):
+            return frame.recv(self.request, self.server.max_request, idle_s=IDLE_S, stall_s=self.server.stall_s,
+                              what="request")
+        except OSError:
             return None
-        if not head:
-            return None
-        sock.settimeout(FRAME_STALL_S)
-        if len(head) < 4:
-            raise FrameError("truncated request: incomplete length prefix", fatal=True)
-        (n,) = struct.unpack(">I", head)
-        if n > self.server.max_request:
-            raise FrameError(f"request too large: {n} bytes > limit {self.server.max_request}", fatal=True)
-        try:
-            body = recv_exact(sock, n)
-        except socket.timeout:
-            raise FrameError(f"truncated request: stalled after part of a {n}-byte frame", fatal=True) from None
-        if len(body) < n:
-            raise FrameError(f"truncated request: got {len(body)} of {n} bytes", fatal=True)
-        try:
-            return json.loads(body.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
-            raise FrameError(f"malformed request: not UTF-8 JSON ({type(e).__name__})", fatal=False) from None
 
     def handle(self):
         srv = self.server
@@ -252,7 +224,7 @@ class _Handler(socketserver.BaseRequestHandler):
                 srv.count("errors")
                 reply = {"ok": False, "error": str(e)}
                 try:
-                    send_frame(self.request, reply)
+                    frame.send(self.request, reply)
                 except OSError:
                     return
                 if e.fatal:
@@ -264,7 +236,7 @@ class _Handler(socketserver.BaseRequestHandler):
             if not reply.get("ok", False):
                 srv.count("errors")
             try:
-                send_frame(self.request, reply)
+                frame.send(self.request, reply)
             except OSError:
                 return
 
@@ -302,6 +274,8 @@ def cli(argv):
     sp.add_argument("--workers", type=int, default=max(1, os.cpu_count() or 1))
     sp.add_argument("--time-limit", type=float, default=None, help="seconds per problem run (default 10)")
     sp.add_argument("--max-request-mb", type=float, default=DEFAULT_MAX_REQUEST / (1 << 20))
+    sp.add_argument("--stall-timeout", type=float, default=FRAME_STALL_S,
+                    help="seconds a client may stall inside a request frame before it is cut off (default 30)")
     sp.add_argument("--no-bwrap", action="store_true", help="do not use bubblewrap even if installed")
     sp.add_argument("--exit-with-parent", action="store_true",
                     help="shut down when the process that started us dies (LocalGrader sets this)")
@@ -320,11 +294,19 @@ def cli(argv):
         raise UserError(f"socket directory {d} does not exist.")
     cfg = GradeConfig()
     if args.time_limit is not None:
-        if args.time_limit <= 0:
-            raise UserError("--time-limit must be positive.")
-        cfg.time_limit = args.time_limit
-    srv = GraderServer(args.socket, workers=args.workers, max_request=int(args.max_request_mb * (1 << 20)),
-                       use_bwrap=False if args.no_bwrap else "auto", config=cfg)
+        try:
+            cfg = GradeConfig.from_dict({"time_limit": args.time_limit})
+        except ValueError as e:
+            raise UserError(f"--time-limit: {e}.") from None
+    if not 0 < args.max_request_mb <= 4096:   # false for NaN too
+        raise UserError("--max-request-mb must be a number in (0, 4096].")
+    if not 0 < args.stall_timeout <= 3600:
+        raise UserError("--stall-timeout must be a number of seconds in (0, 3600].")
+    try:
+        srv = GraderServer(args.socket, workers=args.workers, max_request=int(args.max_request_mb * (1 << 20)),
+                           use_bwrap=False if args.no_bwrap else "auto", config=cfg, stall_s=args.stall_timeout)
+    except SandboxError as e:   # e.g. no isolation possible here: one sentence, exit 2
+        raise UserError(f"the grader cannot start its sandbox: {e}") from None
 
     def stop(signum, frame):
         threading.Thread(target=srv.shutdown, daemon=True).start()
