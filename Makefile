@@ -9,7 +9,7 @@ APT_PACKAGES = bubblewrap prometheus docker-compose
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
 .PHONY: setup apt venv install test test-fast bench bench-kernel bench-grader bench-step \
-        fast-dev-run smoke-vanilla smoke-projected extract download-model queue-full queue-cpu report report-cpu clean
+        fast-dev-run demo substrate smoke-vanilla smoke-projected extract download-model queue-full queue-cpu report report-cpu clean
 
 setup: apt venv install
 
@@ -50,6 +50,14 @@ bench-step:
 fast-dev-run:
 	$(PGRPO) train --config jobs/fast-dev-run.yaml --out runs/fast-dev-run --overwrite
 
+# The CPU substrate (docs/experiments.md): texts + warm-started tiny Qwen3, each built only if its content stamp
+# changed; then vanilla GRPO on it, printing the hack rate as it climbs.
+substrate:
+	$(PY) -m pgrpo.substrate ensure --out runs/substrate
+
+demo: substrate
+	$(PGRPO) train --config jobs/demo.yaml --out runs/demo --overwrite
+
 smoke-vanilla:
 	$(PGRPO) train --config jobs/smoke-vanilla.yaml --out runs/smoke-vanilla --overwrite
 
@@ -66,13 +74,13 @@ queue-full:
 	$(PGRPO) sweep --config jobs/sweep-full.yaml
 
 queue-cpu:
-	$(PGRPO) sweep --config jobs/sweep-cpu-warm.yaml
+	$(PGRPO) sweep --config jobs/sweep-cpu.yaml
 
 report:
 	$(PGRPO) report runs/sweep-full --out report/sweep-full
 
 report-cpu:
-	$(PGRPO) report runs/sweep-cpu-warm --out report/sweep-cpu-warm
+	$(PGRPO) report runs/sweep-cpu --out docs/results/cpu-phenomenon
 
 clean:
 	rm -rf build *.egg-info pgrpo/_C*.so

@@ -71,7 +71,7 @@ setup(
     version="0.1.0",
     description="GRPO with gradient projection away from a reward-hack direction, in the SVD basis of each weight.",
     packages=find_packages(include=["pgrpo", "pgrpo.*"]),
-    package_data={"pgrpo": ["data/*.jsonl", "data/*.json"]},
+    package_data={"pgrpo": ["data/*.jsonl", "data/*.json", "data/substrate/*", "data/substrate/warm/*"]},
     python_requires=">=3.10",
     ext_modules=ext_modules,
     cmdclass=cmdclass,

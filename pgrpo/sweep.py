@@ -18,6 +18,7 @@ Sweep YAML (all keys; see jobs/sweep-full.yaml):
     seeds: [0, 1, 2]
     set: []                     # --set overrides for every run
     gpus: []                    # [] = sequential; list of GPU ids = one run per GPU
+    parallel: 1                 # without gpus: this many CPU runs at a time (each should set cpu_threads: 1)
     extract:                    # omit (or null) when no arm needs v_hack
       config: jobs/full-projected.yaml
       out: vhack.safetensors    # relative to <out> unless absolute
@@ -52,7 +53,7 @@ from pgrpo.errors import UserError
 
 STATE_FILE = "sweep-state.json"
 DONE_FILE = "SWEEP_DONE"        # written into a run dir once its training (and after_run) succeeded
-SWEEP_KEYS = {"name", "out", "seeds", "set", "gpus", "prepare", "extract", "arms", "after_run"}
+SWEEP_KEYS = {"name", "out", "seeds", "set", "gpus", "parallel", "prepare", "extract", "arms", "after_run"}
 ARM_KEYS = {"config", "set", "vhack"}
 EXTRACT_KEYS = {"config", "out", "set", "args", "per_seed"}
 
@@ -89,6 +90,11 @@ def load_sweep(path):
         raise UserError(f"sweep key gpus must be a list of GPU ids, got {gpus!r}")
     if len(set(map(str, gpus))) != len(gpus):
         raise UserError(f"sweep key gpus lists a GPU twice: {gpus}")
+    parallel = d.get("parallel", 1)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise UserError(f"sweep key parallel must be an integer >= 1, got {parallel!r}")
+    if parallel > 1 and gpus:
+        raise UserError("sweep keys gpus and parallel exclude each other (with gpus, one run per GPU runs at a time)")
     arms = d.get("arms")
     if not isinstance(arms, dict) or not arms:
         raise UserError("sweep key arms must map arm names to {config: preset.yaml, ...}")
@@ -133,6 +139,7 @@ def load_sweep(path):
     if any(not c for c in prepare):
         raise UserError("sweep key prepare holds an empty command")
     return {"path": path, "name": str(name), "out": out, "seeds": seeds, "gpus": [str(g) for g in gpus],
+            "parallel": parallel,
             "prepare": prepare,
             "set": _strlist(d.get("set"), "set"), "arms": norm_arms, "extract": ex,
             "after_run": _strlist(d.get("after_run"), "after_run")}
@@ -483,7 +490,7 @@ def run_sweep(sw, dry_run=False, log=print):
         else:
             ready.append(run)
 
-    slots = sw["gpus"] or [None]
+    slots = sw["gpus"] or [None] * sw.get("parallel", 1)
     queue = list(ready)
     qlock = threading.Lock()
 
