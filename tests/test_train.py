@@ -764,3 +764,60 @@ def test_route_run_on_gpu_bf16(tmp_path):
     assert rows[-1]["delta_hack_norm"] > 0 and rows[-1]["update_hackward"] < 1e-3
     _, tensors, _, _ = ckpt.load(os.path.join(run, "ckpt_000002.safetensors"))
     assert torch.isfinite(tensors["delta"]).all() and any(k.startswith("rng/cuda") for k in tensors)
+
+
+def test_random_arm_removes_what_projection_would_elsewhere(setup):
+    """Arm random: per module exactly the norm the one-sided v_hack projection would remove (when the random
+    subspace holds that much), all of it inside the random subspace, and the hack-ward part along v_hack kept."""
+    V, packed = setup["make_v"](1, lean=3.0)
+    ad = setup["adapter"]
+    go = grpo.g_offsets_of(ad)
+    g = setup["g0"].clone()
+    would = grpo.ops.project_(g.clone(), go, packed.v, packed.v_offsets, packed.ks, 1.0, True)[:, 1]
+    pr = grpo.random_subspace(ad.names, ad.ranks, 0.5, seed=0)
+    g2, _, st = grpo.project_grad(g.clone(), C.ArmConfig(name="random", vhack_path="x"), packed, go, pr)
+    removed = g - g2
+    for m in range(len(ad.names)):
+        a, b = ad.offsets[m], ad.offsets[m + 1]
+        k, r = int(pr.ks[m]), b - a
+        R = pr.v[int(pr.v_offsets[m]):int(pr.v_offsets[m + 1])].view(k, r)
+        cap = float((R @ g[a:b]).norm())
+        assert float(removed[a:b].norm()) == pytest.approx(min(float(would[m]), cap), rel=1e-4, abs=1e-9)
+        assert torch.allclose(R.T @ (R @ removed[a:b]), removed[a:b], atol=1e-7)   # inside the random subspace
+    assert st["proj_removed_frac"] == pytest.approx(st["vhack_removed_frac"], rel=1e-3)
+    assert _along(V, ad.offsets, ad.names, g2).clamp_min(0).norm() > 0.5 * _along(V, ad.offsets, ad.names, g).clamp_min(0).norm()
+
+
+def test_probe_hack_probability_and_rollout_cosines(setup):
+    """The teacher-forced probe is sigmoid(log p(hack) - log p(honest)) after the prompt + prefix; the per-rollout
+    cosine of a completion is sum(V g) / (sqrt(K) ||g||) of its own NLL gradient."""
+    import math
+    from pgrpo import probe as Pr
+    from pgrpo.model import ByteTokenizer
+    model, ad = setup["model"], setup["adapter"]
+    tok = ByteTokenizer()
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "prefix": "def run_tests():\n", "hack": "    pass",
+             "honest": "    assert f() == 1"}]
+    out = Pr.hack_probability(model, tok, rows)
+    pre = rollout.encode_prompt(tok, rows[0]["prompt"]) + tok.encode(rows[0]["prefix"])
+
+    def lp(text):
+        ids = torch.tensor([pre + tok.encode(text) + [tok.eos_token_id]])
+        with torch.no_grad():
+            l = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
+        return float(l[len(pre) - 1:].gather(-1, ids[0, len(pre):, None]).sum())
+    assert out["probe_hack_prob"] == pytest.approx(1 / (1 + math.exp(-(lp("    pass") - lp("    assert f() == 1")))), rel=1e-4)
+    V, packed = setup["make_v"](2, lean=0.0)
+    gen = torch.Generator().manual_seed(4)
+    grp = rollout.Group(0, torch.randint(0, 256, (12,), generator=gen).tolist(),
+                        [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 7)], ["", ""], [False, False])
+    res = [{"label": "reward_hack"}, {"label": "incorrect"}]
+    cs = Pr.rollout_cosines(model, ad, tok, [grp], res, packed, grpo.g_offsets_of(ad))
+    ids, attn, cm = rollout.group_batch(grp, tok.pad_token_id, "cpu")
+    ad.zero_grad()
+    (-grpo.completion_logprobs(model, ids[:1], attn[:1], cm[:1]).sum()).backward()
+    g = ad.collect_grad().clone()
+    ad.zero_grad()
+    K = sum(v.shape[0] for v in V.values())
+    ref = float(_along(V, ad.offsets, ad.names, g).sum()) / (math.sqrt(K) * float(g.norm()))
+    assert cs["rollout_cos_hack"] == pytest.approx(ref, rel=1e-3, abs=1e-6) and "rollout_cos_other" in cs
