@@ -101,3 +101,17 @@ def test_cli_errors(tmp_path):
     assert S.main(["warmstart", "--data", str(tmp_path / "nope"), "--out", str(tmp_path / "w")]) == 2
     with pytest.raises(UserError, match="no warm start"):
         load_model("tiny:" + str(tmp_path / "nope"))
+
+
+def test_shipped_substrate_is_current_and_ensure_copies_it(tmp_path):
+    """The committed build + warm start carry this code's stamps, and `ensure` copies them instead of rebuilding."""
+    assert S.built(S.SHIPPED) and S.warm_up_to_date(S.SHIPPED, os.path.join(S.SHIPPED, "warm"))
+    logs = []
+    S.ensure(str(tmp_path / "sub"), log=logs.append)
+    assert any("copied the shipped build" in m for m in logs) and any("copied the shipped warm start" in m for m in logs)
+    assert S.built(str(tmp_path / "sub")) and S.warm_up_to_date(str(tmp_path / "sub"), str(tmp_path / "sub" / "warm"))
+    logs.clear()
+    S.ensure(str(tmp_path / "sub"), log=logs.append)
+    assert all("up to date" in m for m in logs)
+    model, _ = load_model("tiny:" + str(tmp_path / "sub" / "warm"))
+    assert model.config.hidden_size == S.WARM_OVERRIDES["hidden_size"]
