@@ -51,7 +51,8 @@ fast-dev-run:
 	$(PGRPO) train --config jobs/fast-dev-run.yaml --out runs/fast-dev-run --overwrite
 
 # The CPU substrate (docs/experiments.md): texts + warm-started tiny Qwen3, each built only if its content stamp
-# changed; then vanilla GRPO on it, printing the hack rate as it climbs.
+# changed; then vanilla GRPO on it, printing hack and pass rates per step (docs/experiments.md: on the current
+# warm start the hack rate does not yet climb within these steps).
 substrate:
 	$(PY) -m pgrpo.substrate ensure --out runs/substrate
 
