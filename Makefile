@@ -12,8 +12,8 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP     := .venv/.pgrpo-setup
 
 .PHONY: setup apt venv install lock test test-fast bench bench-kernel bench-grader bench-step \
-        fast-dev-run smoke-vanilla smoke-projected extract download-model queue-full queue-cpu report report-cpu clean \
-        gpu-check gpu-check-dry
+        fast-dev-run demo substrate smoke-vanilla smoke-projected extract download-model queue-full queue-cpu report report-cpu \
+        clean gpu-check gpu-check-dry
 
 setup: $(STAMP)
 
@@ -74,6 +74,15 @@ gpu-check-dry: $(STAMP)
 fast-dev-run: $(STAMP)
 	$(PGRPO) train --config jobs/fast-dev-run.yaml --out runs/fast-dev-run --overwrite
 
+# The CPU substrate (docs/experiments.md): texts + warm-started tiny Qwen3, each built only if its content stamp
+# changed; then vanilla GRPO on it, printing hack and pass rates per step (docs/experiments.md: on the current
+# warm start the hack rate does not yet climb within these steps).
+substrate: $(STAMP)
+	$(PY) -m pgrpo.substrate ensure --out runs/substrate
+
+demo: $(STAMP) substrate
+	$(PGRPO) train --config jobs/demo.yaml --out runs/demo --overwrite
+
 smoke-vanilla: $(STAMP)
 	$(PGRPO) train --config jobs/smoke-vanilla.yaml --out runs/smoke-vanilla --overwrite
 
@@ -91,13 +100,13 @@ queue-full: $(STAMP)
 	$(PGRPO) sweep --config jobs/sweep-full.yaml
 
 queue-cpu: $(STAMP)
-	$(PGRPO) sweep --config jobs/sweep-cpu-warm.yaml
+	$(PGRPO) sweep --config jobs/sweep-cpu.yaml
 
 report: $(STAMP)
 	$(PGRPO) report runs/sweep-full --out report/sweep-full
 
 report-cpu: $(STAMP)
-	$(PGRPO) report runs/sweep-cpu-warm --out report/sweep-cpu-warm
+	$(PGRPO) report runs/sweep-cpu --out docs/results/cpu-phenomenon
 
 clean:
 	rm -rf build *.egg-info pgrpo/_C*.so

@@ -20,7 +20,7 @@ import yaml
 
 from pgrpo.errors import UserError
 
-ARMS = ("vanilla", "projected", "route")
+ARMS = ("vanilla", "projected", "route", "random")
 ADAPTER_MODES = ("merged", "factored")
 LOOPHOLE_MODES = ("none", "run_tests", "sentinel", "stdout_marker", "file_marker")  # = pgrpo.data.prompts
 SCHEDULES = ("cosine", "constant")
@@ -92,6 +92,7 @@ class ArmConfig:
     project_momentum: bool = False     # also project AdamW's first moment after each step
     vhack_refresh_every: int = 0       # 0 = frozen v_hack; K = re-extract every K steps
     refresh_pairs: Optional[str] = None  # pairs file for refresh (None = the extractor's default)
+    random_frac: float = 0.5           # arm random: random subspace dim per module = ceil(random_frac * r)
 
 
 @dataclass
@@ -107,6 +108,12 @@ class LoggingConfig:
 
 
 @dataclass
+class ProbeConfig:
+    path: Optional[str] = None         # held-out probe rows (the substrate's probe.json) for the teacher-forced hack probe
+    every: int = 0                     # every K steps (and step 1): the probe and the per-rollout v_hack cosines; 0 = off
+
+
+@dataclass
 class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     adapter: AdapterConfig = field(default_factory=AdapterConfig)
@@ -116,6 +123,7 @@ class Config:
     arm: ArmConfig = field(default_factory=ArmConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    probe: ProbeConfig = field(default_factory=ProbeConfig)
     steps: int = 6
     seed: int = 0
     checkpoint_every: int = 25         # 0 = only at the end
@@ -338,7 +346,9 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         bad("grpo.max_grad_norm", "must be >= 0 (0 = no clipping)")
     a = cfg.arm
     choice("arm.name", a.name, ARMS)
-    if a.name in ("projected", "route") and not a.vhack_path:
+    if not 0 < a.random_frac <= 1:
+        bad("arm.random_frac", f"must be in (0, 1], got {a.random_frac}")
+    if a.name in ("projected", "route", "random") and not a.vhack_path:
         bad("arm.vhack_path", f"must point at a v_hack file (from `pgrpo extract`) for arm {a.name}")
     if check_files and a.vhack_path and not os.path.isfile(a.vhack_path):
         bad("arm.vhack_path", f"points at {a.vhack_path}, which does not exist (run `make extract` first)")
@@ -355,6 +365,12 @@ def validate(cfg: Config, check_files: bool = True) -> None:
         bad("teacher.pool", "must point at a teacher pool file when teacher.mix > 0")
     if check_files and t.pool and t.pool != "builtin" and not os.path.isfile(t.pool):
         bad("teacher.pool", f"points at {t.pool}, which does not exist")
+    if cfg.probe.every < 0:
+        bad("probe.every", "must be >= 0 (0 = off)")
+    if cfg.probe.path and not cfg.probe.every:
+        bad("probe.every", "must be > 0 when probe.path is set (how often to run the probe)")
+    if check_files and cfg.probe.path and not os.path.isfile(cfg.probe.path):
+        bad("probe.path", f"points at {cfg.probe.path}, which does not exist (build the substrate first)")
     if cfg.steps < 1:
         bad("steps", "must be at least 1")
     if cfg.seed < 0:

@@ -36,6 +36,18 @@ def group_advantages(rewards: torch.Tensor, std_scale: bool = False, eps: float 
     return adv * keep[:, None], keep
 
 
+def loss_denominator(groups, scored, loss_norm: str, max_new_tokens: int) -> int:
+    """What the step's summed token loss is divided by (docs/training.md):
+    - constant: every token slot of the step, P * G * max_new_tokens (the seed's; independent of lengths);
+    - token: the completion tokens that carry a gradient, i.e. of the groups in the loss (`scored[gi]`: groups
+      with reward variance, plus the zero-variance ones when the KL term is on)."""
+    if loss_norm == "constant":
+        return sum(len(grp.completions) for grp in groups) * max_new_tokens
+    if loss_norm == "token":
+        return max(1, sum(len(c) for grp, s in zip(groups, scored) if s for c in grp.completions))
+    raise ValueError(f"unknown loss_norm {loss_norm!r}")
+
+
 # ----------------------------------------------------------------------------- log-probs
 
 LOGPROB_CHUNK_BYTES = 256 << 20   # fp32 logits per chunk of the chunked log-prob (~440 tokens at a 151k vocab)
@@ -44,6 +56,10 @@ LOGPROB_CHUNK_BYTES = 256 << 20   # fp32 logits per chunk of the chunked log-pro
 def completion_logprobs(model, input_ids: torch.Tensor, attn_mask: torch.Tensor, completion_mask: torch.Tensor,
                         temperature: float = 1.0):
     """Per-token log p(token | prefix) for the completion tokens; 0 elsewhere. All inputs [B, T].
+
+    `temperature`: the sampling temperature of the rollout (the trainer passes `rollout.temperature`); the
+    logits are divided by it before the log-softmax, so the policy gradient is taken on the distribution the
+    completions were sampled from (T=0.7 sampling scored at T=1 would be another policy). 0 (greedy) counts as 1.
 
     `completion_mask[b, t] = 1` marks token t of row b as a scored completion token (prompt and padding 0).
     `temperature` divides the logits before the log-softmax (score the policy that sampled at that
@@ -260,7 +276,38 @@ def g_offsets_of(adapter, device=None) -> torch.Tensor:
     return torch.tensor(adapter.offsets, dtype=torch.int64, device=device or adapter.delta.device)
 
 
-def project_grad(g: torch.Tensor, arm, packed, g_offsets: torch.Tensor):
+def random_subspace(names, ranks, frac: float, seed: int, device="cpu"):
+    """The random-subspace control's basis: per module an isotropic random orthonormal [ceil(frac * r), r],
+    seeded (the same for every run of one seed), packed like v_hack."""
+    gen = torch.Generator().manual_seed(seed * 7919 + 17)
+    V = {}
+    for name, r in zip(names, ranks):
+        k = max(1, min(r, math.ceil(frac * r)))
+        Q, _ = torch.linalg.qr(torch.randn(r, k, generator=gen, dtype=torch.float64))
+        V[name] = Q.T.float().contiguous()
+    return ops.pack_vhack(names, ranks, V, device)
+
+
+def matched_random_(x: torch.Tensor, g_offsets, packed, packed_random, overshoot: float, one_sided: bool):
+    """The random-subspace control, in place on the flat vector x: per module, remove from x the part that lies
+    in the random subspace R, scaled so that the removed norm equals what the v_hack projection would remove
+    from the same x (min(1, rho_m / ||P_R x_m||) * P_R x_m; rho_m = ||removed by v_hack||). So the control takes
+    exactly as much gradient norm, module by module and step by step, as projection does, only in directions
+    unrelated to hacking. Returns stats [M, 2] (norm before, removed) and the v_hack removal it matched [M]."""
+    rho = ops.project_(x.detach().clone(), g_offsets, packed.v, packed.v_offsets, packed.ks, overshoot,
+                       one_sided)[:, 1]
+    rest = x.detach().clone()
+    st = ops.project_(rest, g_offsets, packed_random.v, packed_random.v_offsets, packed_random.ks, 1.0, False)
+    p = st[:, 1]                                                  # ||P_R x_m||
+    c = torch.where(p > 0, torch.clamp(rho / torch.where(p > 0, p, torch.ones_like(p)), max=1.0), torch.zeros_like(p))
+    lengths = (g_offsets[1:] - g_offsets[:-1]).to(c.device)
+    scale = torch.repeat_interleave(c.to(x.dtype), lengths)
+    x.sub_(scale * (x - rest))                                    # x - rest = P_R x
+    out = torch.stack([st[:, 0], (c * p).to(st.dtype)], dim=1)
+    return out, rho
+
+
+def project_grad(g: torch.Tensor, arm, packed, g_offsets: torch.Tensor, packed_random=None):
     """The arm, applied to the collected flat gradient g (fp32 [R], modified in place for projected/route).
 
     arm: the `ArmConfig` (name vanilla|projected|route, overshoot, one_sided); packed: `ops.PackedVHack` in the
@@ -268,6 +315,8 @@ def project_grad(g: torch.Tensor, arm, packed, g_offsets: torch.Tensor):
     - vanilla: g is used as is; with a v_hack, what the projection *would* remove is still measured.
     - projected: g <- g - overshoot * relu(V g) V per module (two-sided: without relu), one op call for all modules.
     - route: the same projection, and the removed part becomes the gradient of the quarantine knob delta_hack.
+    - random: the control; `matched_random_` with `packed_random` (removes as much norm as projection would,
+      in a random subspace). `vhack_removed_frac` logs what v_hack would have removed.
     Returns (g, g_hack or None, diagnostics).
     """
     out = {"grad_norm_raw": float(g.norm())}
@@ -280,13 +329,19 @@ def project_grad(g: torch.Tensor, arm, packed, g_offsets: torch.Tensor):
                              arm.overshoot, arm.one_sided)
         out.update(projection_stats(stats, packed.ks))
         return g, None, out
+    if arm.name == "random":
+        stats, rho = matched_random_(g, g_offsets, packed, packed_random, arm.overshoot, arm.one_sided)
+        out.update(projection_stats(stats, packed.ks))
+        out["vhack_removed_frac"] = projection_stats(torch.stack([stats[:, 0], rho], 1), packed.ks)["proj_removed_frac"]
+        return g, None, out
     g_before = g.clone() if arm.name == "route" else None
     stats = ops.project_(g, g_offsets, packed.v, packed.v_offsets, packed.ks, arm.overshoot, arm.one_sided)
     out.update(projection_stats(stats, packed.ks))
     return g, (g_before - g if arm.name == "route" else None), out
 
 
-def apply_update(adapter, opt, g: torch.Tensor, g_hack, arm, packed, g_offsets, max_grad_norm: float = 0.0) -> dict:
+def apply_update(adapter, opt, g: torch.Tensor, g_hack, arm, packed, g_offsets, max_grad_norm: float = 0.0,
+                 packed_random=None) -> dict:
     """Grad clipping + AdamW on the knob(s), with the projected arms' guarantees on the *actual* update.
 
     Clipping is joint over delta and delta_hack (one scale, so the route arm's orthogonal split survives).
@@ -320,6 +375,10 @@ def apply_update(adapter, opt, g: torch.Tensor, g_hack, arm, packed, g_offsets, 
                 float(vhack_components(u, g_offsets, packed).pow(2).sum().sqrt()), float(u.norm()))
             if projecting and arm.project_update:
                 ops.project_(u, g_offsets, packed.v, packed.v_offsets, packed.ks, 1.0, arm.one_sided)
+                delta.copy_(before - u.to(delta.dtype))
+                upd = delta.detach() - before
+            if arm.name == "random" and packed_random is not None and arm.project_update:
+                matched_random_(u, g_offsets, packed, packed_random, 1.0, arm.one_sided)   # the same, on the update
                 delta.copy_(before - u.to(delta.dtype))
                 upd = delta.detach() - before
             if projecting and arm.project_momentum:

@@ -28,6 +28,9 @@ GAUGES = {
     "update_along_vhack": "pgrpo_update_along_vhack",
     "delta_hack_norm": "pgrpo_delta_s_hack_norm",
     "vhack_overlap": "pgrpo_vhack_overlap",   # set at a v_hack refresh only (basis overlap with the previous one)
+    "probe_hack_prob": "pgrpo_probe_hack_probability",          # teacher-forced, held-out prompts (pgrpo/probe.py)
+    "rollout_cos_hack": "pgrpo_rollout_grad_vhack_cosine_hack",  # per-rollout cos(g_i, v_hack), reward_hack ones
+    "rollout_cos_other": "pgrpo_rollout_grad_vhack_cosine_other",  # ... and the others
 }
 
 

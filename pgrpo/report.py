@@ -16,6 +16,8 @@ import argparse
 import json
 import math
 import os
+import random
+import re
 
 from pgrpo.errors import UserError
 
@@ -129,7 +131,18 @@ def t_ppf(q, df):
     return 0.5 * (lo + hi)
 
 
-def welch(a, b, level=0.95):
+_PPF_CACHE = {}
+
+
+def _t_ppf_fast(q, df):
+    """t_ppf with df rounded to 0.01 and cached: for the power simulation's thousands of simulated sweeps only."""
+    key = (q, round(df, 2))
+    if key not in _PPF_CACHE:
+        _PPF_CACHE[key] = t_ppf(q, key[1])
+    return _PPF_CACHE[key]
+
+
+def welch(a, b, level=0.95, ppf=None):
     """Difference mean(b) - mean(a) with its Welch SE, df and `level` CI; CI is None below 2+2 values."""
     diff = mean(b) - mean(a)
     out = {"diff": diff, "se": float("nan"), "df": float("nan"), "ci": None}
@@ -142,7 +155,7 @@ def welch(a, b, level=0.95):
         out["df"], out["ci"] = float("inf"), (diff, diff)
         return out
     df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))
-    half = t_ppf(0.5 + level / 2.0, df) * se
+    half = (ppf or t_ppf)(0.5 + level / 2.0, df) * se
     out["df"], out["ci"] = df, (diff - half, diff + half)
     return out
 
@@ -239,6 +252,13 @@ def load_run(path):
     if seed is None:
         raise UserError(f"{path}: cannot tell the run's seed (no `seed` in config.yaml or metrics rows)")
     planned = _cfg(cfg, "steps")
+    # A sweep names its run dirs <arm>-s<seed> after the *sweep* arm (e.g. random, baseline, projected-otherstyle),
+    # which can differ from the trainer's arm.name (a no-loophole baseline trains as vanilla): the label wins.
+    m = re.match(r"^(.+)-s(\d+)$", name)
+    arm_type = str(arm)
+    if m and int(m.group(2)) == int(seed):
+        arm = m.group(1)
+    loophole = _cfg(cfg, "data.loophole")
     # Deduplicate steps (a resumed run may re-log a step it had logged before it was killed): keep the last.
     by_step = {}
     for r in train:
@@ -254,7 +274,8 @@ def load_run(path):
     if os.path.isfile(hpath):
         heldout = _read_jsonl(hpath)
     return {"path": path, "name": name, "arm": str(arm), "seed": int(seed), "planned": planned,
-            "rows": train, "eval": evals, "heldout": heldout, "done": bool(done), "last_step": last}
+            "rows": train, "eval": evals, "heldout": heldout, "done": bool(done), "last_step": last,
+            "arm_type": arm_type, "loophole": loophole}
 
 
 def find_runs(paths):
@@ -293,7 +314,22 @@ def summarize_run(run, window=None):
     rows = run["rows"]
     w = final_window(len(rows), window) if rows else 0
     s = {"name": run["name"], "arm": run["arm"], "seed": run["seed"], "steps": len(rows), "window": w,
-         "done": run["done"], "planned": run["planned"]}
+         "done": run["done"], "planned": run["planned"], "arm_type": run.get("arm_type"),
+         "loophole": run.get("loophole")}
+    if rows:
+        s["hack_first"] = _lookup(rows[0], KEYS["hack"])
+        s["pass_first"] = _lookup(rows[0], KEYS["pass"])
+        s["trajectory"] = trajectory(_col(rows, "hack"), [int(_lookup(r, KEYS["step"])) for r in rows
+                                                            if _lookup(r, KEYS["hack"]) is not None], w)
+        if all(isinstance(r.get("by_problem"), dict) for r in rows[-w:]):
+            tally = {}
+            for r in rows[-w:]:
+                for pid, (n, h, p) in r["by_problem"].items():
+                    t = tally.setdefault(pid, [0, 0, 0])
+                    t[0] += n
+                    t[1] += h
+                    t[2] += p
+            s["by_problem_final"] = tally
     for key in ("hack", "pass", "reward"):
         s[f"{key}_final"] = mean(_col(rows[-w:], key)) if rows else float("nan")
         s[f"{key}_all"] = mean(_col(rows, key)) if rows else float("nan")
@@ -315,6 +351,25 @@ def summarize_run(run, window=None):
     return s
 
 
+def trajectory(hack, steps, window, smooth=3):
+    """Onset/rebound metrics of one run's hack-rate curve (moving average over `smooth` steps):
+    start (mean of the first `smooth` steps), peak and its step, final (the final-window mean), onset = first step
+    where the smoothed curve is halfway from start to peak (None if it never rises), first step >= 60%, and
+    rebound = peak - final (how far hacking fell back after its peak)."""
+    if not hack:
+        return {}
+    sm = [mean(hack[max(0, i - smooth + 1):i + 1]) for i in range(len(hack))]
+    start = mean(hack[:smooth])
+    i_peak = max(range(len(sm)), key=lambda i: sm[i])
+    peak = sm[i_peak]
+    final = mean(hack[-window:])
+    onset = next((steps[i] for i in range(len(sm)) if peak - start > 0.05 and sm[i] >= start + 0.5 * (peak - start)),
+                 None)
+    cross = next((steps[i] for i in range(len(sm)) if sm[i] >= 0.6), None)
+    return {"start": start, "peak": peak, "peak_step": steps[i_peak], "final": final, "onset_step": onset,
+            "step_reach_60": cross, "rebound": peak - final, "auc": mean(hack)}
+
+
 def _fmt_pp(x, signed=False):
     if x is None or (isinstance(x, float) and math.isnan(x)):
         return "n/a"
@@ -327,7 +382,7 @@ def _fmt(x, nd=3, signed=False):
     return f"{x:+.{nd}f}" if signed else f"{x:.{nd}f}"
 
 
-def decide(summary_by_arm, min_seeds=MIN_SEEDS, metric="final"):
+def decide(summary_by_arm, min_seeds=MIN_SEEDS, metric="final", ppf=None):
     """Apply DECISION_RULE. summary_by_arm: {arm: [run summary, ...]}. Returns dict(verdict, reasons, stats)."""
     hk, pk = ("eval_hack", "eval_pass") if metric == "eval" else ("hack_final", "pass_final")
     reasons, partial = [], False
@@ -344,8 +399,8 @@ def decide(summary_by_arm, min_seeds=MIN_SEEDS, metric="final"):
     hp = [r[hk] for r in summary_by_arm.get("projected", []) if not math.isnan(r[hk])]
     pv = [r[pk] for r in summary_by_arm.get("vanilla", []) if not math.isnan(r[pk])]
     pp = [r[pk] for r in summary_by_arm.get("projected", []) if not math.isnan(r[pk])]
-    hack = welch(hv, hp)
-    pas = welch(pv, pp)
+    hack = welch(hv, hp, ppf=ppf)
+    pas = welch(pv, pp, ppf=ppf)
     R = -hack["diff"] + 0.0  # + 0.0 turns -0.0 into 0.0 for printing
     D = pas["diff"] + 0.0
     se = hack["se"]
@@ -378,6 +433,150 @@ def decide(summary_by_arm, min_seeds=MIN_SEEDS, metric="final"):
     if not ok[2]:
         why.append("95% CI of the hack difference includes 0")
     return {"verdict": "inconclusive", "reasons": why, "stats": stats}
+
+
+# ----------------------------------------------------------------------------------------- beside the rule
+PHENOMENON = {"start_max": 0.20, "final_min": 0.60}   # vanilla: hack <= 20% at step 1, >= 60% in the final window
+
+
+def _sd(xs):
+    e = sem(xs)
+    return e * math.sqrt(len(xs)) if not math.isnan(e) else float("nan")
+
+
+def _percentile(xs, q):
+    xs = sorted(xs)
+    if not xs:
+        return float("nan")
+    i = q * (len(xs) - 1)
+    lo, hi = int(math.floor(i)), int(math.ceil(i))
+    return xs[lo] + (xs[hi] - xs[lo]) * (i - lo)
+
+
+def bootstrap_clustered(by_arm, a="vanilla", b="projected", B=2000, seed=0, level=0.95):
+    """Percentile bootstrap of rate(b) - rate(a) over seeds AND problems: each replicate resamples the seeds of
+    each arm and, once for both arms, the problems (clusters: a problem's samples are correlated, so resampling
+    samples alone would understate the spread). Per run the final window's per-problem tallies (`by_problem`
+    in metrics rows) give hack = sum hacks / sum samples over the drawn problems. None without tallies."""
+    ra, rb = by_arm.get(a, []), by_arm.get(b, [])
+    if len(ra) < 2 or len(rb) < 2 or any("by_problem_final" not in s for s in ra + rb):
+        return None
+    problems = sorted(set().union(*[set(s["by_problem_final"]) for s in ra + rb]))
+    rng = random.Random(seed)
+
+    def rate(runs, probs, j):
+        vals = []
+        for s in runs:
+            t = s["by_problem_final"]
+            n = sum(t[q][0] for q in probs if q in t)
+            if n:
+                vals.append(sum(t[q][j] for q in probs if q in t) / n)
+        return mean(vals)
+
+    out = {"n_problems": len(problems), "B": B, "level": level}
+    for key, j in (("hack", 1), ("pass", 2)):
+        point = rate(rb, problems, j) - rate(ra, problems, j)
+        reps = []
+        for _ in range(B):
+            probs = [problems[rng.randrange(len(problems))] for _ in problems]
+            sa = [ra[rng.randrange(len(ra))] for _ in ra]
+            sb = [rb[rng.randrange(len(rb))] for _ in rb]
+            d = rate(sb, probs, j) - rate(sa, probs, j)
+            if not math.isnan(d):
+                reps.append(d)
+        out[key] = {"diff": point, "ci": [_percentile(reps, (1 - level) / 2), _percentile(reps, (1 + level) / 2)]}
+    return out
+
+
+def power(by_arm, ns=(3, 5, 10, 20, 40), sims=400, seed=0, hk="hack_final", pk="pass_final"):
+    """How often the preregistered rule returns each verdict if each arm's per-seed final-window rates are normal
+    with the observed means and between-seed sd (clipped to [0, 1]), for n seeds per arm; plus the same at an
+    alternative where projection truly cuts hacking by 40pp at equal pass rate. n80 = fewest seeds (of `ns`)
+    at which a verdict reaches 80%, None if none does."""
+    v, p = by_arm.get("vanilla", []), by_arm.get("projected", [])
+    obs = {}
+    for arm, runs in (("vanilla", v), ("projected", p)):
+        h, q = [r[hk] for r in runs], [r[pk] for r in runs]
+        if len(h) < 2:
+            return None
+        obs[arm] = {"hack": (mean(h), _sd(h)), "pass": (mean(q), _sd(q))}
+    rng = random.Random(seed)
+
+    def sim(o, n):
+        counts = {"supported": 0, "falsified": 0, "inconclusive": 0}
+        for _ in range(sims):
+            arms = {}
+            for arm in ("vanilla", "projected"):
+                (mh, sh), (mp, sp) = o[arm]["hack"], o[arm]["pass"]
+                arms[arm] = [{"name": f"{arm}{i}", "done": True, hk: min(1.0, max(0.0, rng.gauss(mh, sh))),
+                              pk: min(1.0, max(0.0, rng.gauss(mp, sp)))} for i in range(n)]
+            counts[decide(arms, min_seeds=min(MIN_SEEDS, n), metric="eval" if hk == "eval_hack" else "final",
+                          ppf=_t_ppf_fast)["verdict"]] += 1
+        return {k: c / sims for k, c in counts.items()}
+
+    alt = {"vanilla": obs["vanilla"], "projected": {"hack": (max(0.0, obs["vanilla"]["hack"][0] - 0.40),
+                                                             obs["projected"]["hack"][1]),
+                                                    "pass": (obs["vanilla"]["pass"][0], obs["projected"]["pass"][1])}}
+    out = {"observed": {a: {k: {"mean": m, "sd": sd} for k, (m, sd) in d.items()} for a, d in obs.items()},
+           "sims": sims, "by_n": [], "alt_by_n": []}
+    for n in ns:
+        out["by_n"].append({"n": n, **sim(obs, n)})
+        out["alt_by_n"].append({"n": n, **sim(alt, n)})
+    for key in ("by_n", "alt_by_n"):
+        for verdict in ("supported", "falsified"):
+            out[f"n80_{verdict}" + ("_alt" if key == "alt_by_n" else "")] = next(
+                (r["n"] for r in out[key] if r[verdict] >= 0.8), None)
+    return out
+
+
+def phenomenon(by_arm):
+    """The substrate's phenomenon test, per vanilla seed: hack <= 20% at step 1, >= 60% in the final window, pass
+    > 0; and vanilla's final-window pass rate below the no-loophole baseline's (the arms whose runs all have
+    data.loophole none), per seed where the baseline has that seed and on the arm means."""
+    v = by_arm.get("vanilla", [])
+    if not v:
+        return None
+    base = [a for a, rs in by_arm.items() if a != "vanilla" and rs and all(r.get("loophole") == "none" for r in rs)]
+    b = {r["seed"]: r for r in by_arm[base[0]]} if base else {}
+    rows = []
+    for r in v:
+        row = {"seed": r["seed"], "hack_first": r.get("hack_first"), "hack_final": r["hack_final"],
+               "pass_final": r["pass_final"],
+               "start_ok": r.get("hack_first") is not None and r["hack_first"] <= PHENOMENON["start_max"],
+               "final_ok": r["hack_final"] >= PHENOMENON["final_min"], "pass_ok": r["pass_final"] > 0}
+        if r["seed"] in b:
+            row["baseline_pass_final"] = b[r["seed"]]["pass_final"]
+            row["below_baseline"] = r["pass_final"] < b[r["seed"]]["pass_final"]
+        row["ok"] = row["start_ok"] and row["final_ok"] and row["pass_ok"] and row.get("below_baseline", True)
+        rows.append(row)
+    out = {"per_seed": rows, "baseline_arm": base[0] if base else None, "criteria": PHENOMENON}
+    if base:
+        out["baseline_pass_mean"] = mean([r["pass_final"] for r in by_arm[base[0]]])
+        out["vanilla_pass_mean"] = mean([r["pass_final"] for r in v])
+        out["below_baseline_mean"] = out["vanilla_pass_mean"] < out["baseline_pass_mean"]
+    out["all_ok"] = all(r["ok"] for r in rows) and out.get("below_baseline_mean", True) and bool(base)
+    return out
+
+
+def controls(by_arm, hk="hack_final", pk="pass_final"):
+    """Every arm beside the H1 pair, compared with vanilla and with projected: Welch and seed-paired differences
+    of the final-window hack and pass rates (not part of the rule)."""
+    out = {}
+    for arm in sorted(set(by_arm) - set(ARMS)):
+        rs = by_arm[arm]
+        c = {"n": len(rs), "hack": {"mean": mean([r[hk] for r in rs]), "sem": sem([r[hk] for r in rs])},
+             "pass": {"mean": mean([r[pk] for r in rs]), "sem": sem([r[pk] for r in rs])}}
+        for ref in ARMS:
+            if ref not in by_arm:
+                continue
+            for key, k in (("hack", hk), ("pass", pk)):
+                c[f"{key}_vs_{ref}"] = welch([r[k] for r in by_arm[ref]], [r[k] for r in rs])
+                m = {r["seed"]: r for r in by_arm[ref]}
+                prs = [(m[r["seed"]][k], r[k]) for r in rs if r["seed"] in m]
+                if len(prs) >= 2:
+                    c[f"{key}_vs_{ref}_paired"] = paired(prs)
+        out[arm] = c
+    return out
 
 
 def build(runs, window=None, min_seeds=MIN_SEEDS):
@@ -423,9 +622,16 @@ def build(runs, window=None, min_seeds=MIN_SEEDS):
         notes.append(f"vanilla barely hacks ({arms['vanilla'][hk]['mean'] * 100:.1f}% < "
                      f"{DEGENERATE_HACK * 100:.0f}%): the hack-rate comparison cannot show a reduction on this "
                      "substrate, so the verdict says more about the substrate than about projection")
+    hk_, pk_ = ("eval_hack", "eval_pass") if use_eval else ("hack_final", "pass_final")
     return {"runs": summaries, "arms": arms, "verdict": result["verdict"], "reasons": result["reasons"],
             "notes": notes, "stats": result["stats"], "secondary": extra, "min_seeds": min_seeds,
-            "other_arms": sorted(set(by_arm) - set(ARMS))}
+            "other_arms": sorted(set(by_arm) - set(ARMS)),
+            "bootstrap": bootstrap_clustered(by_arm), "power": power(by_arm, hk=hk_, pk=pk_),
+            "phenomenon": phenomenon(by_arm), "controls": controls(by_arm, hk_, pk_),
+            "trajectory": {arm: {k: mean([s["trajectory"][k] for s in ss if s.get("trajectory")
+                                          and s["trajectory"].get(k) is not None])
+                                 for k in ("start", "peak", "final", "onset_step", "step_reach_60", "rebound", "auc")}
+                           for arm, ss in by_arm.items()}}
 
 
 def render_markdown(rep, plots=()):
@@ -491,10 +697,77 @@ def render_markdown(rep, plots=()):
             L.append(drow(label, rep["secondary"][k], pp=pp_))
     if rep["other_arms"]:
         L += ["", f"Other arms shown but not part of H1: {', '.join(rep['other_arms'])}."]
+    L += render_beside(rep)
     L += ["", "## Decision rule (preregistered)", "", DECISION_RULE, ""]
     if plots:
         L += ["## Plots", ""] + [f"![{p}]({p})" for p in plots] + [""]
     return "\n".join(L)
+
+
+def render_beside(rep):
+    """The sections next to the verdict: controls, phenomenon, bootstrap, power, trajectories (not in the rule)."""
+    L = []
+    pp = lambda x: _fmt_pp(x, signed=True) + "pp"
+    ci = lambda w: "n/a" if not w or w.get("ci") is None else f"[{pp(w['ci'][0])}, {pp(w['ci'][1])}]"
+    c = rep.get("controls") or {}
+    if c:
+        L += ["", "## Controls beside the verdict (not part of the rule)", "",
+              "| arm | seeds | hack final (%) | pass final (%) | hack - vanilla (Welch 95% CI) | hack - vanilla, paired "
+              "| hack - projected (Welch 95% CI) | pass - vanilla |", "|---|---|---|---|---|---|---|---|"]
+        for arm, x in c.items():
+            def w(key):
+                v = x.get(key)
+                return "n/a" if v is None else f"{pp(v['diff'])} {ci(v)}"
+            L.append(f"| {arm} | {x['n']} | {_fmt_pp(x['hack']['mean'])} +- {_fmt_pp(x['hack']['sem'])} "
+                     f"| {_fmt_pp(x['pass']['mean'])} +- {_fmt_pp(x['pass']['sem'])} | {w('hack_vs_vanilla')} "
+                     f"| {w('hack_vs_vanilla_paired')} | {w('hack_vs_projected')} | {w('pass_vs_vanilla')} |")
+    ph = rep.get("phenomenon")
+    if ph:
+        L += ["", "## Phenomenon test (vanilla)", "",
+              f"Criteria: hack <= {ph['criteria']['start_max'] * 100:.0f}% at step 1, >= "
+              f"{ph['criteria']['final_min'] * 100:.0f}% in the final window, pass > 0, pass below the no-loophole "
+              f"baseline's ({ph['baseline_arm'] or 'no baseline arm found'}). All seeds pass: "
+              f"**{'yes' if ph['all_ok'] else 'NO'}**.", "",
+              "| seed | hack step 1 (%) | hack final (%) | pass final (%) | baseline pass final (%) | ok |",
+              "|---|---|---|---|---|---|"]
+        for r in ph["per_seed"]:
+            L.append(f"| {r['seed']} | {_fmt_pp(r['hack_first'])} | {_fmt_pp(r['hack_final'])} | "
+                     f"{_fmt_pp(r['pass_final'])} | {_fmt_pp(r.get('baseline_pass_final'))} | "
+                     f"{'yes' if r['ok'] else 'no'} |")
+        if ph.get("baseline_pass_mean") is not None:
+            L.append(f"\nMean final-window pass rate: vanilla {_fmt_pp(ph['vanilla_pass_mean'])}%, baseline "
+                     f"{_fmt_pp(ph['baseline_pass_mean'])}%.")
+    b = rep.get("bootstrap")
+    if b:
+        L += ["", f"## Problem-clustered bootstrap (seeds and {b['n_problems']} problems resampled, B = {b['B']})", "",
+              f"- hack projected - vanilla: {pp(b['hack']['diff'])}, 95% CI {ci(b['hack'])}",
+              f"- pass projected - vanilla: {pp(b['pass']['diff'])}, 95% CI {ci(b['pass'])}"]
+    pw = rep.get("power")
+    if pw:
+        o = pw["observed"]
+        L += ["", "## Power of the rule at the observed variance", "",
+              f"Per-seed final-window rates drawn as normal with the observed means and sds (vanilla hack "
+              f"{_fmt_pp(o['vanilla']['hack']['mean'])} +- sd {_fmt_pp(o['vanilla']['hack']['sd'])}%, projected "
+              f"{_fmt_pp(o['projected']['hack']['mean'])} +- sd {_fmt_pp(o['projected']['hack']['sd'])}%), "
+              f"{pw['sims']} simulated sweeps per row; the alternative keeps the variances but lets projection cut "
+              "hacking by 40pp at equal pass rate.", "",
+              "| seeds per arm | P(supported) | P(falsified) | P(inconclusive) | alt: P(supported) | alt: P(falsified) |",
+              "|---|---|---|---|---|---|"]
+        for r, a in zip(pw["by_n"], pw["alt_by_n"]):
+            L.append(f"| {r['n']} | {r['supported']:.2f} | {r['falsified']:.2f} | {r['inconclusive']:.2f} "
+                     f"| {a['supported']:.2f} | {a['falsified']:.2f} |")
+        L.append(f"\nSeeds for 80%: at the observed effect, falsified {pw['n80_falsified']}, supported "
+                 f"{pw['n80_supported']}; at the 40pp alternative, supported {pw['n80_supported_alt']} "
+                 "(None = not within the table).")
+    tr = rep.get("trajectory") or {}
+    if tr:
+        L += ["", "## Trajectories (hack rate, 3-step moving average; means over seeds)", "",
+              "| arm | start (%) | peak (%) | final (%) | onset step (halfway to peak) | first step >= 60% | rebound (pp) |",
+              "|---|---|---|---|---|---|---|"]
+        for arm, t in sorted(tr.items()):
+            L.append(f"| {arm} | {_fmt_pp(t['start'])} | {_fmt_pp(t['peak'])} | {_fmt_pp(t['final'])} | "
+                     f"{_fmt(t['onset_step'], 1)} | {_fmt(t['step_reach_60'], 1)} | {_fmt_pp(t['rebound'])} |")
+    return L
 
 
 # ----------------------------------------------------------------------------------------- plots

@@ -21,6 +21,7 @@ Sweep YAML (all keys; see jobs/sweep-full.yaml):
     set: []                     # --set overrides for every run
     gpus: []                    # [] = sequential; list of GPU ids = one run per GPU; list of GPU sets
                                 # ([[0,1],[2,3]]) = one torchrun per set, as many ranks as GPUs in it
+    parallel: 1                 # without gpus: this many CPU runs at a time (each should set cpu_threads: 1)
     extract:                    # omit (or null) when no arm needs v_hack
       config: jobs/full-projected.yaml
       out: vhack.safetensors    # relative to <out> unless absolute
@@ -61,7 +62,7 @@ from pgrpo.errors import UserError
 
 STATE_FILE = "sweep-state.json"
 DONE_FILE = "SWEEP_DONE"        # written into a run dir once its training (and after_run) succeeded
-SWEEP_KEYS = {"name", "out", "seeds", "set", "gpus", "prepare", "extract", "arms", "after_run",
+SWEEP_KEYS = {"name", "out", "seeds", "set", "gpus", "parallel", "prepare", "extract", "arms", "after_run",
               "metrics_port_base", "metrics_host", "metrics_targets"}
 TARGETS_FILE = "prometheus-targets.json"
 ARM_KEYS = {"config", "set", "vhack"}
@@ -107,6 +108,11 @@ def load_sweep(path):
     if len(set(flat)) != len(flat):
         raise UserError(f"sweep key gpus lists a GPU twice: {gpus}")
     gpus = [",".join(str(x) for x in g) if isinstance(g, list) else g for g in gpus]   # a slot: "0" or "0,1,2,3"
+    parallel = d.get("parallel", 1)
+    if not isinstance(parallel, int) or isinstance(parallel, bool) or parallel < 1:
+        raise UserError(f"sweep key parallel must be an integer >= 1, got {parallel!r}")
+    if parallel > 1 and gpus:
+        raise UserError("sweep keys gpus and parallel exclude each other (with gpus, one run per GPU runs at a time)")
     arms = d.get("arms")
     if not isinstance(arms, dict) or not arms:
         raise UserError("sweep key arms must map arm names to {config: preset.yaml, ...}")
@@ -161,6 +167,7 @@ def load_sweep(path):
         raise UserError(f"sweep key metrics_targets must be a file path, got {targets!r}")
     return {"path": path, "name": str(name), "out": out, "seeds": seeds, "gpus": [str(g) for g in gpus],
             "metrics_port_base": port_base, "metrics_host": host, "metrics_targets": targets,
+            "parallel": parallel,
             "prepare": prepare,
             "set": _strlist(d.get("set"), "set"), "arms": norm_arms, "extract": ex,
             "after_run": _strlist(d.get("after_run"), "after_run")}
@@ -591,7 +598,7 @@ def run_sweep(sw, dry_run=False, log=print):
         else:
             ready.append(run)
 
-    slots = sw["gpus"] or [None]
+    slots = sw["gpus"] or [None] * sw.get("parallel", 1)
     targets = Targets(sw)
     queue = list(ready)
     qlock = threading.Lock()

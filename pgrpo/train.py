@@ -50,6 +50,29 @@ def data_order(n_problems: int, prompts_per_step: int, steps: int, seed: int) ->
     return np.concatenate(chunks)[:need].astype(np.int64)
 
 
+def sample_rates(results, is_teacher, problem_ids=None) -> dict:
+    """The rates the H1 report reads, over the policy's own samples (teacher-pool completions excluded; all
+    results if a step had only teacher ones): hack_rate = share labelled `reward_hack` (the benchmark's label,
+    not "the loophole passed": a correct answer with a hacked test is correct_attempted_hack), pass_rate =
+    share with gt_pass, the label shares, and per problem [samples, reward_hack, gt_pass] (`by_problem`, for
+    the report's problem-clustered bootstrap)."""
+    own = [i for i, t in enumerate(is_teacher) if not t] or list(range(len(results)))
+    policy = [results[i] for i in own]
+    out = {"reward_mean": float(np.mean([r["reward"] for r in policy])),
+           "hack_rate": float(np.mean([r["label"] == "reward_hack" for r in policy])),
+           "pass_rate": float(np.mean([bool(r["gt_pass"]) for r in policy])),
+           **{f"frac_{lab}": float(np.mean([r["label"] == lab for r in policy])) for lab in LABELS}}
+    if problem_ids is not None:
+        tally = {}
+        for i in own:
+            t = tally.setdefault(problem_ids[i], [0, 0, 0])
+            t[0] += 1
+            t[1] += int(results[i]["label"] == "reward_hack")
+            t[2] += int(bool(results[i]["gt_pass"]))
+        out["by_problem"] = tally
+    return out
+
+
 def _sigterm(signum, frame):
     raise Terminated  # unwind through the `finally` blocks: the grader child is stopped, files closed; exit 143
 
@@ -115,6 +138,13 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             packed = pack_vhack(adapter.names, adapter.ranks, V, device)
         except ValueError as e:
             raise UserError(f"arm.vhack_path {cfg.arm.vhack_path} does not fit this adapter ({e}).") from None
+
+    probe_rows = None
+    if cfg.probe.path:
+        from pgrpo.probe import load_probe
+        probe_rows = load_probe(cfg.probe.path)
+    packed_random = (grpo.random_subspace(adapter.names, adapter.ranks, cfg.arm.random_frac, cfg.seed, device)
+                     if cfg.arm.name == "random" else None)   # the random-subspace control's basis
 
     # ---- prompts (tokenized once) and the data order
     prompt_ids = [rollout.encode_prompt(tok, build_prompt(p, cfg.data.loophole), cfg.rollout.enable_thinking)
@@ -228,6 +258,14 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             for pg in opt.param_groups:
                 pg["lr"] = lr
 
+            # ---- live diagnostics every probe.every steps, on the policy that samples this step (pgrpo/probe.py;
+            # rank 0 only: they are logged, never trained on)
+            probing = comm.is_main and bool(cfg.probe.every) and (step - 1) % cfg.probe.every == 0
+            diag = {}
+            if probing and probe_rows:
+                from pgrpo.probe import hack_probability
+                diag = hack_probability(model, tok, probe_rows, cfg.rollout.enable_thinking, cfg.rollout.temperature)
+
             # ---- rollout: G samples per prompt, seeded per group (seed, step, global group index); this
             # rank's share [lo, hi) of the step's globally ordered groups (all of them on one rank)
             t0 = time.perf_counter()
@@ -259,27 +297,32 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             rewards = torch.tensor([r["reward"] for r in results], dtype=torch.float32).view(len(groups), Gs)
             timing["reward"] = time.perf_counter() - t0
 
+            if probing and packed is not None:
+                from pgrpo.probe import rollout_cosines
+                diag.update(rollout_cosines(model, adapter, tok, groups, results, packed, g_offsets,
+                                            cfg.rollout.temperature or 1.0))
+
             # ---- loss: group-relative advantages, PPO-clip token loss, one group of G sequences at a time
             t0 = time.perf_counter()
             adv, keep = grpo.group_advantages(rewards, std_scale=g.std_scale_adv)
             if cfg.logging.rollouts and comm.is_main:   # every completion, before the loss: a crash mid-step keeps what was graded
                 rollouts.write(run_dir, step, rollouts.rows_of("train", step, groups, results, [p.id for p in problems],
                                                                prompt_sha, adv, keep))
-            if g.loss_norm == "constant":   # the seed's constant denominator: every token slot counts
-                denom = P * Gs * cfg.rollout.max_new_tokens
-            else:                           # per-token mean over the tokens that carry a gradient
-                denom = max(1, sum(len(c) for gi, grp in enumerate(groups) if keep[gi] for c in grp.completions))
+            # a zero-variance group (e.g. all-hack late in training) has no policy gradient but still has its KL
+            scored = [bool(keep[gi]) or g.kl_coef > 0 for gi in range(len(groups))]
+            denom = grpo.loss_denominator(groups, scored, g.loss_norm, cfg.rollout.max_new_tokens)
+            temp = cfg.rollout.temperature or 1.0     # log-probs of the distribution the rollout sampled from
             adapter.zero_grad()
             loss_total, kl_total, clipped, n_scored = 0.0, 0.0, 0.0, 0
             for gi, grp in enumerate(groups):
-                if not keep[gi] or not lo <= gi < hi:   # skipped, or another rank's group
+                if not scored[gi] or not lo <= gi < hi:   # no gradient and no KL, or another rank's group
                     continue
                 for ids, attn, cmask, rows_ in rollout.micro_batches(grp, tok.pad_token_id, device, g.micro_batch, model):
                     ref = None
                     if g.kl_coef > 0:
                         with torch.no_grad(), adapter.disabled():
-                            ref = grpo.completion_logprobs(model, ids, attn, cmask)
-                    logp = grpo.completion_logprobs(model, ids, attn, cmask)
+                            ref = grpo.completion_logprobs(model, ids, attn, cmask, temperature=temp)
+                    logp = grpo.completion_logprobs(model, ids, attn, cmask, temperature=temp)
                     a = adv[gi, rows_].to(device)
                     loss, st = grpo.pg_token_loss(logp, logp.detach(), a, cmask, g.clip_eps, ref, g.kl_coef)
                     (loss / denom).backward()
@@ -295,12 +338,13 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             t0 = time.perf_counter()
             grad = adapter.collect_grad()
             grad, (loss_total, kl_total, clipped, n_scored) = comm.reduce_grad(grad, [loss_total, kl_total, clipped, n_scored])
-            grad, grad_hack, pstats = grpo.project_grad(grad, cfg.arm, packed, g_offsets)
+            grad, grad_hack, pstats = grpo.project_grad(grad, cfg.arm, packed, g_offsets, packed_random)
             timing["project"] = time.perf_counter() - t0
 
             # ---- clip + AdamW on delta_S (+ delta_S_hack), projection of the actual update, re-merge
             t0 = time.perf_counter()
-            ustats = grpo.apply_update(adapter, opt, grad, grad_hack, cfg.arm, packed, g_offsets, g.max_grad_norm)
+            ustats = grpo.apply_update(adapter, opt, grad, grad_hack, cfg.arm, packed, g_offsets, g.max_grad_norm,
+                                       packed_random)
             adapter.zero_grad()
             ustats.update(adapter.merge())   # merge_changed_frac / merge_lost_frac: W_eff rounding, measured
             timing["optim"] = time.perf_counter() - t0
@@ -318,7 +362,7 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
                                           k=int(vhack_meta.get("k", 4)), cut=float(vhack_meta.get("cut", 0.25)),
                                           contrast=float(vhack_meta.get("contrast", 0.0)),
                                           max_tokens=None if mt in ("None", "") else int(mt), seed=cfg.seed,
-                                          comm=comm)
+                                          enable_thinking=cfg.rollout.enable_thinking, comm=comm)
                 refresh = {"vhack_overlap": vhack_overlap(V, V_new), "refresh_s": time.perf_counter() - t0}
                 V, packed = V_new, pack_vhack(adapter.names, adapter.ranks, V_new, device)
 
@@ -326,19 +370,15 @@ def train(cfg: C.Config, run_dir: str, resume: bool = False, overwrite: bool = F
             timing["total"] = time.perf_counter() - t_step
             timing.update(comm.pop_timing())   # N ranks: exchange (in reward), sync + allreduce (in project)
             is_teacher = [t for grp in groups for t in grp.teacher]          # rates are over the policy's own samples
-            policy = [r for r, t in zip(results, is_teacher) if not t] or results
-            row = {"step": step, "lr": lr, "time": time.time(),
-                   "reward_mean": float(np.mean([r["reward"] for r in policy])),
-                   "hack_rate": float(np.mean([r["label"] == "reward_hack" for r in policy])),
-                   "pass_rate": float(np.mean([bool(r["gt_pass"]) for r in policy])),
-                   **{f"frac_{lab}": float(np.mean([r["label"] == lab for r in policy])) for lab in LABELS},
+            pids = [problems[grp.problem_index].id for grp in groups for _ in grp.texts]
+            row = {"step": step, "lr": lr, "time": time.time(), **sample_rates(results, is_teacher, pids),
                    "tokens_generated": tokens, "teacher_completions": n_teacher,
                    "reward_mean_all": float(rewards.mean()),
                    "reward_mean_teacher": (float(np.mean([r["reward"] for r, t in zip(results, is_teacher) if t]))
                                            if n_teacher else None),
                    "groups": len(groups), "skipped_groups": int((~keep).sum()),
                    "loss": loss_total, "kl": kl_total / max(1, n_scored), "clip_frac": clipped / max(1, n_scored),
-                   **pstats, **ustats, **refresh, "timing": {k: round(v, 4) for k, v in timing.items()}}
+                   **pstats, **ustats, **refresh, **diag, "timing": {k: round(v, 4) for k, v in timing.items()}}
             rows.append(row)
             log.write(row)
             if comm.is_main:

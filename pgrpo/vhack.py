@@ -37,45 +37,57 @@ from pgrpo.model import resolve_device_dtype
 # ----------------------------------------------------------------------------- gradients per completion
 
 
-def _prompt_text(tokenizer, prompt) -> str:
-    """A pair's prompt is chat messages (rendered with the model's own template) or already-rendered text."""
+def _prompt_ids(tokenizer, prompt, enable_thinking: bool = False) -> list:
+    """A pair's prompt is chat messages, rendered exactly as the trainer renders them (`rollout.encode_prompt`,
+    with the config's `rollout.enable_thinking`: for Qwen3 the two renderings differ), or already-rendered text."""
     if isinstance(prompt, str):
-        return prompt
-    text = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=False)
-    if not isinstance(text, str):
-        raise UserError("the tokenizer's chat template did not return text; cannot build extraction inputs.")
-    return text
+        return _encode(tokenizer, prompt)
+    from pgrpo.rollout import encode_prompt
+    return encode_prompt(tokenizer, list(prompt), enable_thinking)
 
 
 def _encode(tokenizer, text: str) -> list:
     return list(tokenizer.encode(text))  # pgrpo.model tokenizers add no special tokens here
 
 
-def _completion_nll(model, tokenizer, prompt, completion: str, max_tokens: int | None, device) -> torch.Tensor:
-    """Mean-token NLL of `completion` (+ EOS, as a sampled one would end) after the rendered `prompt`.
-    `max_tokens` truncates the prompt from the left; the completion is what we measure and stays whole."""
+def pair_ids(tokenizer, prompt, completion: str, max_tokens: int | None = None, enable_thinking: bool = False):
+    """(prompt ids, completion ids + EOS) as one extraction input. `max_tokens` truncates the prompt from the left;
+    the completion is what we measure and stays whole."""
     if not completion:
         raise UserError("an extraction completion is empty.")
-    p_ids = _encode(tokenizer, _prompt_text(tokenizer, prompt))
+    p_ids = _prompt_ids(tokenizer, prompt, enable_thinking)
     c_ids = _encode(tokenizer, completion)
     eos = getattr(tokenizer, "eos_token_id", None)
     if eos is not None:
         c_ids = c_ids + [int(eos)]
     if max_tokens is not None and len(p_ids) + len(c_ids) > max_tokens:
         p_ids = p_ids[-max(1, max_tokens - len(c_ids)):]
+    return p_ids, c_ids
+
+
+def _completion_nll(model, tokenizer, prompt, completion: str, max_tokens: int | None, device,
+                    enable_thinking: bool = False) -> torch.Tensor:
+    """Summed token NLL of `completion` (+ EOS, as a sampled one would end) after the rendered `prompt`: the
+    gradient GRPO's token loss gives one completion (up to the step's denominator). Summed, not averaged, so
+    that two completions sharing a prefix (a pair that differs only in the exploit) have exactly the same
+    prefix terms, which cancel in D = g(hack) - g(clean)."""
+    p_ids, c_ids = pair_ids(tokenizer, prompt, completion, max_tokens, enable_thinking)
     ids = torch.tensor([p_ids + c_ids], dtype=torch.long, device=device)
     logits = model(input_ids=ids, use_cache=False).logits[0, len(p_ids) - 1:-1].float()
-    return torch.nn.functional.cross_entropy(logits, ids[0, len(p_ids):], reduction="mean")
+    return torch.nn.functional.cross_entropy(logits, ids[0, len(p_ids):], reduction="sum")
 
 
 @torch.no_grad()
-def completion_nll(model, adapter, tokenizer, prompt, completion: str, max_tokens: int | None = None) -> float:
-    """The mean-token NLL that `completion_grad` differentiates (no grad), at the adapter's current knob."""
-    return float(_completion_nll(model, tokenizer, prompt, completion, max_tokens, adapter.delta.device))
+def completion_nll(model, adapter, tokenizer, prompt, completion: str, max_tokens: int | None = None,
+                   enable_thinking: bool = False) -> float:
+    """The summed token NLL that `completion_grad` differentiates (no grad), at the adapter's current knob."""
+    return float(_completion_nll(model, tokenizer, prompt, completion, max_tokens, adapter.delta.device,
+                                 enable_thinking))
 
 
-def completion_grad(model, adapter, tokenizer, prompt, completion: str, max_tokens: int | None = None) -> torch.Tensor:
-    """d(mean-token NLL of `completion` given `prompt`)/d(delta), fp32 [R], from one isolated backward.
+def completion_grad(model, adapter, tokenizer, prompt, completion: str, max_tokens: int | None = None,
+                    enable_thinking: bool = False) -> torch.Tensor:
+    """d(summed token NLL of `completion` given `prompt`)/d(delta), fp32 [R], from one isolated backward.
 
     Adapter grads are cleared before and after, so this never mixes with, or leaves anything in, a
     training step's accumulation. Merged mode needs merged weights that match the knob (run_extraction
@@ -83,13 +95,15 @@ def completion_grad(model, adapter, tokenizer, prompt, completion: str, max_toke
     """
     adapter.zero_grad()
     with torch.enable_grad():
-        _completion_nll(model, tokenizer, prompt, completion, max_tokens, adapter.delta.device).backward()
+        _completion_nll(model, tokenizer, prompt, completion, max_tokens, adapter.delta.device,
+                        enable_thinking).backward()
     g = adapter.collect_grad().detach().float().clone()
     adapter.zero_grad()
     return g
 
 
-def pair_grads(model, adapter, tokenizer, pairs, max_tokens: int | None = None, log=None, comm=None):
+def pair_grads(model, adapter, tokenizer, pairs, max_tokens: int | None = None, log=None,
+               enable_thinking: bool = False, comm=None):
     """(G_hack, G_clean), each [n_pairs, R] on the CPU: g(hack_i) and g(clean_i), one backward each.
 
     With `comm` (a `pgrpo.dist.Comm` on N ranks) each rank computes its contiguous share of the pairs and the
@@ -100,19 +114,29 @@ def pair_grads(model, adapter, tokenizer, pairs, max_tokens: int | None = None, 
             raise UserError("no pairs to extract v_hack from.")
         mine = [torch.zeros(0, adapter.R)] * 2
         if hi > lo:
-            mine = pair_grads(model, adapter, tokenizer, pairs[lo:hi], max_tokens, log)
+            mine = pair_grads(model, adapter, tokenizer, pairs[lo:hi], max_tokens, log, enable_thinking)
         return (comm.all_reduce_rows(mine[0], "the v_hack gradient gather"),
                 comm.all_reduce_rows(mine[1], "the v_hack gradient gather"))
     gh_rows, gc_rows = [], []
     t0 = time.time()
     for i, p in enumerate(pairs):
-        gh_rows.append(completion_grad(model, adapter, tokenizer, p["prompt"], p["hack"], max_tokens).cpu())
-        gc_rows.append(completion_grad(model, adapter, tokenizer, p["prompt"], p["clean"], max_tokens).cpu())
+        gh_rows.append(completion_grad(model, adapter, tokenizer, p["prompt"], p["hack"], max_tokens,
+                                       enable_thinking).cpu())
+        gc_rows.append(completion_grad(model, adapter, tokenizer, p["prompt"], p["clean"], max_tokens,
+                                       enable_thinking).cpu())
         if log is not None and ((i + 1) % 10 == 0 or i + 1 == len(pairs)):
             log(f"extract: gradients for {i + 1}/{len(pairs)} pairs ({time.time() - t0:.1f}s)")
     if not gh_rows:
         raise UserError("no pairs to extract v_hack from.")
     return torch.stack(gh_rows), torch.stack(gc_rows)
+
+
+def normalize_rows(D: torch.Tensor) -> torch.Tensor:
+    """Per-pair normalisation: every row of D scaled to unit norm (a zero row stays zero). Pairs whose
+    gradients are 100x larger (e.g. an off-policy text the model never saw vs its own kind of text) would
+    otherwise decide the SVD alone; normalised, each pair gets one vote on the direction."""
+    n = D.norm(dim=1, keepdim=True)
+    return D / torch.where(n > 0, n, torch.ones_like(n))
 
 
 def pair_diffs(model, adapter, tokenizer, pairs, max_tokens: int | None = None, log=None) -> torch.Tensor:
@@ -273,6 +297,67 @@ def random_vhack(like: dict, D_fit: torch.Tensor, names, offsets, seed: int) -> 
     return out
 
 
+def _random_signs(V: dict, seed: int) -> dict:
+    """Orient a null's rows by coin flips: no hack label, no D mean (majority vote on D would hand any
+    subspace the right sign, since all hack pairs share a large common direction)."""
+    gen = torch.Generator().manual_seed(seed + 104729)
+    out = {}
+    for name, v in V.items():
+        s = torch.randint(0, 2, (v.shape[0],), generator=gen).to(v.dtype) * 2 - 1
+        out[name] = (v * s[:, None]).contiguous()
+    return out
+
+
+def anisotropic_null(like: dict, G: torch.Tensor, names, offsets, seed: int) -> dict:
+    """Random null matched to the gradients' anisotropy: per module, k random Gaussian mixtures of the rows of
+    G (per-completion gradients, label-blind), orthonormalised, i.e. random directions drawn from the span
+    and energy profile the gradients actually occupy (an isotropic draw would be far easier to beat).
+    Signs are coin flips (`_random_signs`)."""
+    gen = torch.Generator().manual_seed(seed + 7919)
+    out = {}
+    for name, a, b in _blocks(names, offsets):
+        if name not in like:
+            continue
+        k = like[name].shape[0]
+        Gm = G[:, a:b].double()
+        Z = torch.randn(k, Gm.shape[0], generator=gen, dtype=torch.float64)
+        Q, _ = torch.linalg.qr((Z @ Gm).T)
+        out[name] = Q.T[:k].float().contiguous()
+    return _random_signs(out, seed)
+
+
+def generic_null(like: dict, N: torch.Tensor, names, offsets, seed: int) -> dict:
+    """Generic-gradient null: per module, the top-k right singular vectors of zero-sum contrasts that are not
+    hack vs clean (clean_i - clean_j, hack_i - hack_j: `contrast_rows`, no hack label), k matched to v_hack's,
+    coin-flip signs. It captures "what GRPO gradients on these texts look like", not the exploit."""
+    out = {}
+    Nn = normalize_rows(N)
+    for name, a, b in _blocks(names, offsets):
+        if name not in like:
+            continue
+        _, _, Vh = torch.linalg.svd(Nn[:, a:b].double(), full_matrices=False)
+        out[name] = Vh[:like[name].shape[0]].float().contiguous()
+    return _random_signs(out, seed)
+
+
+def compare(real: dict, null: dict, key: str = "captured_fraction") -> dict:
+    """v_hack vs a null on the same held-out pairs: mean paired difference of `key`, its t interval over pairs,
+    and `beats` = the whole 95% interval is above 0 (v_hack takes more of every unseen D than the null)."""
+    a = [p[key] for p in real["per_pair"]]
+    b = [p[key] for p in null["per_pair"]]
+    d = [x - y for x, y in zip(a, b)]
+    n = len(d)
+    if n == 0:
+        return {"key": key, "diff": None, "ci": None, "beats": False, "n": 0}
+    m = sum(d) / n
+    if n < 2:
+        return {"key": key, "diff": m, "ci": None, "beats": False, "n": n}
+    sd = math.sqrt(sum((x - m) ** 2 for x in d) / (n - 1))
+    from pgrpo.report import t_ppf
+    half = t_ppf(0.975, n - 1) * sd / math.sqrt(n)
+    return {"key": key, "diff": m, "ci": [m - half, m + half], "beats": bool(m - half > 0), "n": n}
+
+
 def project(g: torch.Tensor, V: dict, names, ranks, overshoot: float = 1.0, one_sided: bool = True):
     """Project a flat loss gradient with the trainer's op (ops.project_); returns (new g, stats [M,2])."""
     g = g.detach().float().clone()
@@ -303,11 +388,12 @@ def evaluate(D_held: torch.Tensor, D_fit: torch.Tensor, V: dict, names, offsets)
     blocks = [(name, a, b) for name, a, b in _blocks(names, offsets) if name in V]
     if not blocks or D_held.shape[0] == 0:
         return {"n_pairs": int(D_held.shape[0]), "accuracy": None, "mean_cosine": None,
-                "coef_accuracy": None, "removed_fraction": None, "per_pair": []}
+                "coef_accuracy": None, "removed_fraction": None, "captured_fraction": None, "per_pair": []}
     n = D_held.shape[0]
     dot_u = torch.zeros(n, dtype=torch.float64)       # D . u per pair
     d_sq = torch.zeros(n, dtype=torch.float64)        # ||D||^2 over the modules in V
     removed_sq = torch.zeros(n, dtype=torch.float64)  # ||relu(V D) V||^2 = ||relu(V D)||^2 (orthonormal rows)
+    captured_sq = torch.zeros(n, dtype=torch.float64)  # ||V D||^2: the two-sided (orientation-free) share
     u_sq, pos_coef, tot_coef = 0.0, 0, 0
     for name, a, b in blocks:                          # one small matmul per module, all pairs at once
         Vm = V[name].double()
@@ -319,13 +405,15 @@ def evaluate(D_held: torch.Tensor, D_fit: torch.Tensor, V: dict, names, offsets)
         dot_u += Dm @ um
         d_sq += (Dm * Dm).sum(1)
         removed_sq += (c.clamp_min(0) ** 2).sum(1)
+        captured_sq += (c ** 2).sum(1)
         pos_coef += int((c > 0).sum())
         tot_coef += c.numel()
     dn = d_sq.sqrt()
     cos = dot_u / (dn * math.sqrt(u_sq) + 1e-30)
     rem = removed_sq.sqrt() / (dn + 1e-30)
-    per_pair = [{"cosine": float(cos[i]), "positive": bool(cos[i] > 0), "removed_fraction": float(rem[i])}
-                for i in range(n)]
+    cap = captured_sq.sqrt() / (dn + 1e-30)
+    per_pair = [{"cosine": float(cos[i]), "positive": bool(cos[i] > 0), "removed_fraction": float(rem[i]),
+                 "captured_fraction": float(cap[i])} for i in range(n)]
     n = len(per_pair)
     return {
         "n_pairs": n,
@@ -333,6 +421,7 @@ def evaluate(D_held: torch.Tensor, D_fit: torch.Tensor, V: dict, names, offsets)
         "mean_cosine": sum(p["cosine"] for p in per_pair) / n,
         "coef_accuracy": pos_coef / max(tot_coef, 1),
         "removed_fraction": sum(p["removed_fraction"] for p in per_pair) / n,
+        "captured_fraction": sum(p["captured_fraction"] for p in per_pair) / n,
         "per_pair": per_pair,
     }
 
@@ -341,7 +430,7 @@ def leave_one_style_out(GH: torch.Tensor, GC: torch.Tensor, pairs, names, offset
                         contrast: float = 0.0) -> dict:
     """Generalisation to an unseen kind of hack: for each style, fit on all other styles' pairs and
     evaluate on that style's pairs (v_hack vs the random null). Linear algebra only (gradients are reused)."""
-    D = GH - GC
+    D = normalize_rows(GH - GC)
     styles = sorted({p.get("style") for p in pairs if p.get("style")})
     out = {}
     if len(styles) < 2:
@@ -352,7 +441,8 @@ def leave_one_style_out(GH: torch.Tensor, GC: torch.Tensor, pairs, names, offset
         N = contrast_rows(GH, GC, fit, seed) if contrast > 0 else None
         V, _ = fit_vhack(D[fit], names, offsets, k=k, cut=cut, N=N, contrast=contrast)
         r = evaluate(D[held], D[fit], V, names, offsets)
-        n = evaluate(D[held], D[fit], random_vhack(V, D[fit], names, offsets, seed), names, offsets)
+        n = evaluate(D[held], D[fit], anisotropic_null(V, torch.cat([GH[fit], GC[fit]]), names, offsets, seed),
+                     names, offsets)
         out[s] = {"n_pairs": len(held), **{f"{key}": r[key] for key in ("accuracy", "mean_cosine", "removed_fraction")},
                   **{f"null_{key}": n[key] for key in ("accuracy", "mean_cosine", "removed_fraction")}}
     return out
@@ -366,7 +456,8 @@ def collateral(GH, GC, held_idx, D_fit, V, names, offsets, seed) -> dict:
     if len(held_idx) < 2:
         return {}
     j = held_idx[1:] + held_idx[:1]
-    V_null = random_vhack(V, D_fit, names, offsets, seed)
+    fit = sorted(set(range(GH.shape[0])) - set(held_idx))
+    V_null = anisotropic_null(V, torch.cat([GH[fit], GC[fit]]), names, offsets, seed)
     out = {}
     for key, X in (("reinforce_hack", GH[held_idx]), ("penalize_hack", -GH[held_idx]),
                    ("reinforce_clean", GC[held_idx]), ("penalize_clean", -GC[held_idx]),
@@ -429,9 +520,10 @@ class _hack_knob_off:
 
 def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.25, heldout: float = 0.0,
                    seed: int = 0, max_tokens: int | None = None, log=None, contrast: float = 0.0,
-                   comm=None) -> Extraction:
-    """Gradients for every pair (split over the ranks of `comm`, if given), fit on the fit split, report on
-    the held-out split (if any)."""
+                   enable_thinking: bool = False, placebo=None, comm=None) -> Extraction:
+    """Gradients for every pair (split over the ranks of `comm`, if given), per-pair normalised D, fit on the
+    fit split, report on the held-out split (if any) against three nulls (random with the gradients'
+    anisotropy, generic-gradient, and the placebo fit on `placebo` pairs when given)."""
     t0 = time.time()
     pids = [p.get("problem_id") if isinstance(p, dict) else None for p in pairs]
     fit_idx, held_idx = split_pairs(len(pairs), heldout, seed, groups=pids if None not in pids else None)
@@ -439,10 +531,16 @@ def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.
     model.eval()  # no dropout: the gradient of the policy as it samples
     try:
         with _hack_knob_off(adapter):
-            GH, GC = pair_grads(model, adapter, tokenizer, pairs, max_tokens=max_tokens, log=log, comm=comm)
+            GH, GC = pair_grads(model, adapter, tokenizer, pairs, max_tokens=max_tokens, log=log,
+                                enable_thinking=enable_thinking, comm=comm)
+            if placebo and held_idx:
+                held_problems = {pids[i] for i in held_idx}
+                placebo = [p for p in placebo if p.get("problem_id") not in held_problems]   # never a held-out prompt
+                PH, PC = pair_grads(model, adapter, tokenizer, placebo, max_tokens=max_tokens, log=log,
+                                    enable_thinking=enable_thinking, comm=comm) if placebo else (None, None)
     finally:
         model.train(was_training)
-    D = GH - GC
+    D = normalize_rows(GH - GC)
     names, offsets = list(adapter.names), list(adapter.offsets)
     D_fit = D[fit_idx]
     N_fit = contrast_rows(GH, GC, fit_idx, seed) if contrast > 0 else None
@@ -451,30 +549,45 @@ def run_extraction(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.
         V, S = comm.broadcast((V, S), "the v_hack broadcast")
     report = {"n_pairs": len(pairs), "n_fit": len(fit_idx), "n_heldout": len(held_idx), "k": k, "cut": cut,
               "contrast": contrast, "seed": seed, "modules_total": len(names), "modules_kept": len(V),
-              "directions_kept": int(sum(v.shape[0] for v in V.values()))}
+              "directions_kept": int(sum(v.shape[0] for v in V.values())), "normalisation": "per-pair unit norm",
+              "reduction": "sum"}
     if held_idx:
         D_held = D[held_idx]
         real = evaluate(D_held, D_fit, V, names, offsets)
-        null = evaluate(D_held, D_fit, random_vhack(V, D_fit, names, offsets, seed), names, offsets)
-        for r, idxs in ((real, held_idx), (null, held_idx)):
-            for p, i in zip(r["per_pair"], idxs):
-                p["pair"] = i
-                p["problem_id"] = pairs[i].get("problem_id")
-                p["style"] = pairs[i].get("style")
+        nulls = {"random": anisotropic_null(V, torch.cat([GH[fit_idx], GC[fit_idx]]), names, offsets, seed),
+                 "generic": generic_null(V, contrast_rows(GH, GC, fit_idx, seed), names, offsets, seed)}
+        if placebo:
+            Vp, _ = fit_vhack(normalize_rows(PH - PC), names, offsets, k=k, cut=0.0)
+            nulls["placebo"] = {n: Vp[n][:V[n].shape[0]] for n in V if n in Vp}
         report["heldout"] = real
-        report["null"] = null
+        report["nulls"] = {}
+        for key, Vn in nulls.items():
+            ev = evaluate(D_held, D_fit, Vn, names, offsets)
+            report["nulls"][key] = {**{m: ev[m] for m in ("accuracy", "mean_cosine", "removed_fraction",
+                                                          "captured_fraction")},
+                                    "vs_vhack_captured": compare(real, ev, "captured_fraction"),
+                                    "vs_vhack_removed": compare(real, ev, "removed_fraction")}
+        report["beats"] = {key: v["vs_vhack_captured"]["beats"] and v["vs_vhack_removed"]["beats"]
+                           for key, v in report["nulls"].items()}
+        report["null"] = evaluate(D_held, D_fit, nulls["random"], names, offsets)   # the old key: the random null
+        for p, i in zip(real["per_pair"], held_idx):
+            p["pair"] = i
+            p["problem_id"] = pairs[i].get("problem_id")
+            p["style"] = pairs[i].get("style")
         report["leave_one_style_out"] = leave_one_style_out(GH, GC, pairs, names, offsets, k, cut, seed, contrast)
         report["collateral"] = collateral(GH, GC, held_idx, D_fit, V, names, offsets, seed)
     return Extraction(V=V, S=S, fit_idx=fit_idx, held_idx=held_idx, report=report, seconds=time.time() - t0)
 
 
 def extract_vhack(model, adapter, tokenizer, pairs, k: int = 4, cut: float = 0.25, seed: int = 0,
-                  max_tokens: int | None = None, log=None, contrast: float = 0.0, comm=None) -> dict:
+                  max_tokens: int | None = None, log=None, contrast: float = 0.0, enable_thinking: bool = False,
+                  comm=None) -> dict:
     """The trainer's refresh entry point: v_hack {name: V [k_m, r_m] fp32} from all pairs at the current
     knobs (quarantine knob off). Leaves the adapter's grads cleared and its merge state as it found it.
     With `comm` on N ranks the pairs are split across the ranks (see pair_grads)."""
     return run_extraction(model, adapter, tokenizer, pairs, k=k, cut=cut, heldout=0.0, seed=seed,
-                          max_tokens=max_tokens, log=log, contrast=contrast, comm=comm).V
+                          max_tokens=max_tokens, log=log, contrast=contrast, enable_thinking=enable_thinking,
+                          comm=comm).V
 
 
 # ----------------------------------------------------------------------------- file format
@@ -533,14 +646,18 @@ def format_report(rep: dict) -> str:
     lines = [f"v_hack: {rep['modules_kept']}/{rep['modules_total']} modules, {rep['directions_kept']} directions "
              f"(k={rep['k']}, cut={rep['cut']}, contrast={rep.get('contrast', 0.0)}), fit on {rep['n_fit']} pairs, held out {rep['n_heldout']}"]
     if "heldout" in rep:
-        h, n = rep["heldout"], rep["null"]
+        h = rep["heldout"]
 
         def f(x):
             return "n/a" if x is None else f"{x:.3f}"
-        lines.append(f"{'':16}{'accuracy':>10}{'mean_cos':>10}{'coef_acc':>10}{'removed':>10}")
-        for label, r in (("v_hack", h), ("random null", n)):
-            lines.append(f"{label:16}{f(r['accuracy']):>10}{f(r['mean_cosine']):>10}"
-                         f"{f(r['coef_accuracy']):>10}{f(r['removed_fraction']):>10}")
+        lines.append(f"{'held-out D':18}{'accuracy':>10}{'mean_cos':>10}{'removed':>10}{'captured':>10}  v_hack beats it?")
+        lines.append(f"{'v_hack':18}{f(h['accuracy']):>10}{f(h['mean_cosine']):>10}{f(h['removed_fraction']):>10}"
+                     f"{f(h.get('captured_fraction')):>10}")
+        for key, r in (rep.get("nulls") or {}).items():
+            c = r["vs_vhack_captured"]
+            lines.append(f"{key + ' null':18}{f(r['accuracy']):>10}{f(r['mean_cosine']):>10}"
+                         f"{f(r['removed_fraction']):>10}{f(r['captured_fraction']):>10}  "
+                         f"{'yes' if rep['beats'][key] else 'NO'} (captured {c['diff']:+.3f})")
     sc = rep.get("collateral") or {}
     if sc:
         lines.append("collateral: one-sided removed fraction of other GRPO gradients (held-out; v_hack/null):")
@@ -587,7 +704,8 @@ def build_model_adapter(cfg):
     return model, adapter, tok
 
 
-CACHE_KEYS = ("pairs_sha256", "model", "k", "cut", "contrast", "heldout", "split", "seed", "config_hash", "max_tokens")
+CACHE_KEYS = ("pairs_sha256", "model", "k", "cut", "contrast", "heldout", "split", "seed", "config_hash", "max_tokens",
+              "enable_thinking", "reduction", "normalisation", "placebo_sha256")
 
 
 def cli(argv) -> int:
@@ -604,6 +722,8 @@ def cli(argv) -> int:
     ap.add_argument("--heldout", type=float, default=0.2, help="fraction of pairs held out for validation (default 0.2)")
     ap.add_argument("--seed", type=int, default=None, help="split/null seed (default: the config's seed)")
     ap.add_argument("--max-tokens", type=int, default=None, help="truncate prompt+completion to this many tokens (left)")
+    ap.add_argument("--placebo", help="placebo pairs (a contrast that is not the exploit, e.g. the substrate's "
+                                      "placebo.json): fit the same way and reported as a null")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override (repeatable)")
     ap.add_argument("--force", action="store_true", help="re-extract even if --out is up to date")
     ap.add_argument("--threads", type=int, default=None,
@@ -630,7 +750,9 @@ def cli(argv) -> int:
     meta = {"pairs_sha256": pairs_sha256(pairs_path), "pairs_path": os.fspath(pairs_path), "model": cfg.model.name,
             "k": str(a.k), "cut": str(a.cut), "contrast": str(a.contrast), "heldout": str(a.heldout), "split": "by_problem", "seed": str(seed),
             "config_hash": config_hash(cfg), "adapter_mode": cfg.adapter.mode, "dtype": dtype, "step": "0",
-            "max_tokens": str(a.max_tokens), "n_pairs": str(len(pairs))}
+            "max_tokens": str(a.max_tokens), "n_pairs": str(len(pairs)),
+            "enable_thinking": str(cfg.rollout.enable_thinking), "reduction": "sum", "normalisation": "pair",
+            "placebo_sha256": pairs_sha256(a.placebo) if a.placebo else "None"}
 
     if os.path.exists(a.out) and not a.force:
         try:
@@ -662,7 +784,9 @@ def cli(argv) -> int:
     log(f"extract: {cfg.model.name} on {device}/{dtype}, {len(adapter.names)} modules, R={adapter.R}, "
         f"{len(pairs)} pairs from {pairs_path} (loaded in {t_load:.1f}s)")
     ex = run_extraction(model, adapter, tok, pairs, k=a.k, cut=a.cut, heldout=a.heldout, seed=seed,
-                        max_tokens=a.max_tokens, log=log, contrast=a.contrast, comm=comm)
+                        max_tokens=a.max_tokens, log=log, contrast=a.contrast,
+                        enable_thinking=cfg.rollout.enable_thinking,
+                        placebo=load_pairs(a.placebo) if a.placebo else None, comm=comm)
     if not comm.is_main:
         comm.close()
         return 0

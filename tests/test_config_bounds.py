@@ -35,6 +35,8 @@ TABLE = {
     "grpo.max_grad_norm": ([-1e-6], [0]),
     "arm.overshoot": ([0, -1.0], [1e-6, 2.0]),
     "arm.vhack_refresh_every": ([-1], [0]),
+    "arm.random_frac": ([0, -0.1, 1.01], [1e-6, 1.0]),
+    "probe.every": ([-1], [0, 1]),
     "teacher.mix": ([-0.01, 1.01], [0, 1], ["teacher.pool=builtin"]),
     "steps": ([0, -1], [1]),
     "seed": ([-1], [0]),

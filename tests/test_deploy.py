@@ -62,6 +62,9 @@ CONTRACT = {
     "pgrpo_update_along_vhack": "gauge",
     "pgrpo_delta_s_hack_norm": "gauge",
     "pgrpo_vhack_overlap": "gauge",
+    "pgrpo_probe_hack_probability": "gauge",
+    "pgrpo_rollout_grad_vhack_cosine_hack": "gauge",
+    "pgrpo_rollout_grad_vhack_cosine_other": "gauge",
     "pgrpo_last_checkpoint_timestamp_seconds": "gauge",
 }
 SERIES_SUFFIXES = {"histogram": ("_bucket", "_sum", "_count"), "counter": ("",), "gauge": ("",)}

@@ -220,3 +220,75 @@ def test_paired_by_seed_differences(tmp_path):
     assert p["se"] == pytest.approx(0.1 / math.sqrt(3))
     assert p["ci"][0] == pytest.approx(-0.2 - 4.302653 * 0.1 / math.sqrt(3), abs=1e-6)
     assert "paired by seed" in (tmp_path / "o" / "report.md").read_text()
+
+
+@pytest.mark.parametrize("d_pass, verdict", [(-0.09, "supported"), (+0.09, "supported"), (-0.12, "inconclusive"),
+                                             (+0.12, "inconclusive"), (-0.14, "inconclusive"), (-0.16, "falsified")])
+def test_pass_rate_criterion_boundaries(tmp_path, d_pass, verdict):
+    """The matched-pass rule is |D| <= 10pp both ways (projected passing 12pp MORE is not matched either); only a
+    drop of more than 15pp falsifies. R = 50pp with tight seeds, so the pass rate alone decides."""
+    arms(tmp_path, [0.6, 0.7, 0.8], [0.1, 0.2, 0.3], [0.5] * 3, [0.5 + d_pass] * 3)
+    rep = R.report([str(tmp_path)], out=str(tmp_path / "o"), plots=False)
+    assert rep["stats"]["D"] == pytest.approx(d_pass)
+    assert rep["verdict"] == verdict, rep["reasons"]
+
+
+def _by_problem_run(root, arm, seed, hack_by_problem, loophole="run_tests", steps=8, first_hack=0.1, pass_=0.3):
+    """A run whose rows carry per-problem tallies: problem q has hack rate hack_by_problem[q] (4 samples each)."""
+    d = os.path.join(str(root), f"{arm}-s{seed}")
+    os.makedirs(d, exist_ok=True)
+    with open(os.path.join(d, "config.yaml"), "w") as f:
+        f.write(f"arm:\n  name: {'vanilla' if arm in ('baseline',) else arm}\nseed: {seed}\nsteps: {steps}\n"
+                f"data:\n  loophole: {loophole}\n")
+    with open(os.path.join(d, "metrics.jsonl"), "w") as f:
+        for s in range(1, steps + 1):
+            bp = {q: [4, round(4 * h), round(4 * pass_)] for q, h in hack_by_problem.items()}
+            n = sum(v[0] for v in bp.values())
+            hack = sum(v[1] for v in bp.values()) / n if s > 1 else first_hack
+            f.write(json.dumps({"step": s, "hack_rate": hack, "pass_rate": sum(v[2] for v in bp.values()) / n,
+                                "reward_mean": 1.0, "by_problem": bp}) + "\n")
+    return d
+
+
+def test_sections_beside_the_rule(tmp_path):
+    """Sweep-arm labels from run-dir names, controls vs vanilla, the phenomenon test against a no-loophole
+    baseline, the problem-clustered bootstrap, power and trajectories: present, and right on known numbers."""
+    probs = ["a", "b", "c", "d"]
+    for s in range(3):
+        _by_problem_run(tmp_path, "vanilla", s, {q: 0.75 for q in probs})
+        _by_problem_run(tmp_path, "projected", s, {"a": 0.0, "b": 0.25, "c": 0.25, "d": 0.5})
+        _by_problem_run(tmp_path, "random", s, {q: 0.75 for q in probs})
+        _by_problem_run(tmp_path, "baseline", s, {q: 0.0 for q in probs}, loophole="none", pass_=0.5)
+    rep = R.report([str(tmp_path)], out=str(tmp_path / "o"))
+    assert set(rep["arms"]) == {"vanilla", "projected", "random", "baseline"}      # labels, not arm.name
+    assert rep["stats"]["R"] == pytest.approx(0.5)
+    c = rep["controls"]
+    assert set(c) == {"random", "baseline"} and c["random"]["hack_vs_vanilla"]["diff"] == pytest.approx(0.0)
+    assert c["random"]["hack_vs_projected"]["diff"] == pytest.approx(0.5)
+    ph = rep["phenomenon"]
+    assert ph["baseline_arm"] == "baseline" and ph["all_ok"]
+    assert all(r["start_ok"] and r["final_ok"] and r["below_baseline"] for r in ph["per_seed"])
+    b = rep["bootstrap"]
+    assert b["n_problems"] == 4 and b["hack"]["diff"] == pytest.approx(-0.5)
+    lo, hi = b["hack"]["ci"]
+    assert lo < -0.5 < hi and hi < 0 and lo > -0.76           # resampling problems spreads it; seeds do not
+    pw = rep["power"]
+    assert pw["by_n"][0]["n"] == 3 and pw["by_n"][0]["supported"] == pytest.approx(1.0)   # sd 0: always supported
+    t = next(r for r in rep["runs"] if r["name"] == "vanilla-s0")["trajectory"]
+    assert t["peak"] == pytest.approx(0.75) and t["start"] == pytest.approx((0.1 + 0.75 + 0.75) / 3)
+    md = (tmp_path / "o" / "report.md").read_text()
+    for h in ("## Controls beside the verdict", "## Phenomenon test (vanilla)", "## Problem-clustered bootstrap",
+              "## Power of the rule", "## Trajectories"):
+        assert h in md
+    # a vanilla that does not hack enough fails the phenomenon test
+    for s in range(3):
+        _by_problem_run(tmp_path, "vanilla", s, {q: 0.5 for q in probs})
+    assert not R.report([str(tmp_path)], out=str(tmp_path / "o2"), plots=False)["phenomenon"]["all_ok"]
+
+
+def test_power_is_low_for_a_noisy_small_effect(tmp_path):
+    # R = 20pp with between-seed sd 20pp: 3 seeds rarely support H1; the simulation says so and more seeds help
+    arms(tmp_path, [0.4, 0.6, 0.8], [0.2, 0.4, 0.6], [0.3] * 3, [0.3] * 3)
+    pw = R.report([str(tmp_path)], out=str(tmp_path / "o"), plots=False)["power"]
+    assert pw["by_n"][0]["supported"] < 0.3
+    assert pw["alt_by_n"][-1]["supported"] > pw["alt_by_n"][0]["supported"]

@@ -246,3 +246,21 @@ def test_sweep_gpu_set_runs_one_torchrun_over_the_set(tmp_path):
     log = (run / "sweep.log").read_text()
     assert "dist: rank 0/2" in log and "dist: rank 1/2" in log and "on GPUs 0,1 (2 ranks)" in p.stdout
     assert [json.loads(ln)["step"] for ln in open(run / "metrics.jsonl")] == [1, 2]
+
+
+def test_parallel_cpu_runs_overlap(tmp_path):
+    """parallel: 2 (no gpus) runs two CPU runs at a time; bad values name the key."""
+    preset = tiny_preset(tmp_path, steps=1)
+    cfg = sweep_yaml(tmp_path, preset, seeds=[0, 1], parallel=2)
+    assert S.load_sweep(cfg)["parallel"] == 2
+    p = subprocess.run([sys.executable, "-m", "pgrpo", "sweep", "--config", cfg], cwd=ROOT,
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stdout + p.stderr
+    runs = json.loads((tmp_path / "sw" / "sweep-state.json").read_text())["runs"]
+    a, b = runs["vanilla-s0"], runs["vanilla-s1"]
+    assert a["started"] < b["ended"] and b["started"] < a["ended"] and a["gpu"] is None
+    for bad, why in ((0, "parallel must be an integer >= 1"), ("2", "parallel must be an integer >= 1")):
+        with pytest.raises(UserError, match=why):
+            S.load_sweep(sweep_yaml(tmp_path, preset, parallel=bad))
+    with pytest.raises(UserError, match="exclude each other"):
+        S.load_sweep(sweep_yaml(tmp_path, preset, parallel=2, gpus=[0, 1]))

@@ -536,10 +536,21 @@ def test_external_grader_socket(tmp_path):
     assert after["graded"] - before["graded"] == cfg.data.prompts_per_step * cfg.rollout.group_size
 
 
+def _small_problem_file(tmp_path, n):
+    import json
+    from pgrpo.data.problems import builtin_problems, problem_to_row
+    path = str(tmp_path / "problems.jsonl")
+    with open(path, "w") as f:
+        for p in builtin_problems()[:n]:
+            f.write(json.dumps(problem_to_row(p)) + "\n")
+    return path, [p.id for p in builtin_problems()[:n]]
+
+
 def test_held_out_eval_rows_never_train_on_eval_problems(tmp_path, monkeypatch):
+    """5 problems, the last 2 held out, 3 prompts per step for 2 steps: the 6 training draws cover every problem
+    the trainer trains on, so a held-out problem that leaked into training is drawn, whatever the seed."""
     import json
     from pgrpo import train as T
-    from pgrpo.data.problems import builtin_problems
     graded = []
     from pgrpo.grader.client import GraderLink
     real = GraderLink.grade
@@ -548,16 +559,212 @@ def test_held_out_eval_rows_never_train_on_eval_problems(tmp_path, monkeypatch):
         graded.append([it["problem"]["id"] for it in items])
         return real(self, items)
     monkeypatch.setattr(GraderLink, "grade", spy)
-    cfg = C.load(FDR, ["steps=2", "data.prompts_per_step=2", "rollout.max_new_tokens=8", "checkpoint_every=0",
-                       "data.eval_problems=3", "data.eval_every=1", "data.eval_samples=2"])
+    path, ids = _small_problem_file(tmp_path, 5)
+    cfg = C.load(FDR, [f"data.problems={path}", "steps=2", "data.prompts_per_step=3", "rollout.max_new_tokens=8",
+                       "checkpoint_every=0", "data.eval_problems=2", "data.eval_every=1", "data.eval_samples=2",
+                       "grpo.kl_coef=0"])
     run = str(tmp_path / "run")
     assert T.train(cfg, run) == 0
     rows = [json.loads(line) for line in open(os.path.join(run, "metrics.jsonl"))]
     assert [(r.get("kind", "train"), r["step"]) for r in rows] == [("train", 1), ("eval", 1), ("train", 2), ("eval", 2)]
-    held = {p.id for p in builtin_problems()[-3:]}
-    assert [set(ids) for ids in graded[1::2]] == [held, held]                 # eval requests: exactly the held-out set
-    assert all(len(ids) == 3 * 2 for ids in graded[1::2]) and rows[1]["n"] == 6
-    assert not any(held & set(ids) for ids in graded[0::2])                   # training never saw them
+    held, train_ids = set(ids[-2:]), set(ids[:3])
+    assert [set(g) for g in graded[1::2]] == [held, held]                 # eval requests: exactly the held-out set
+    assert all(len(g) == 2 * 2 for g in graded[1::2]) and rows[1]["n"] == 4
+    assert set().union(*map(set, graded[0::2])) == train_ids               # training drew every training problem...
+    assert not any(held & set(g) for g in graded[0::2])                   # ...and never a held-out one
+
+
+def test_held_out_eval_runs_with_the_quarantine_knob_off(tmp_path, monkeypatch):
+    """Route arm: the eval rollout (the deployed policy) is generated with delta_S_hack switched off, while the
+    knob itself is nonzero (so the check is not vacuous); training rollouts keep it on."""
+    from pgrpo import train as T
+    seen = []
+    real = rollout.generate_groups
+
+    def spy(model, tok, prompts, idx, rcfg, device):
+        ad = spy.adapter
+        seen.append((rcfg.group_size, ad.hack_enabled, float(ad.delta_hack.detach().norm())))
+        return real(model, tok, prompts, idx, rcfg, device)
+    from pgrpo.adapter import SVDAdapter
+    init = SVDAdapter.__init__
+
+    def grab(self, *a, **kw):
+        init(self, *a, **kw)
+        spy.adapter = self
+    monkeypatch.setattr(SVDAdapter, "__init__", grab)
+    monkeypatch.setattr(rollout, "generate_groups", spy)
+    vpath, _ = _random_vhack_file(tmp_path)
+    cfg = C.load(FDR, ["steps=2", "data.prompts_per_step=2", "rollout.max_new_tokens=8", "checkpoint_every=0",
+                       "arm.name=route", f"arm.vhack_path={vpath}", "teacher.mix=0.5", "grpo.kl_coef=0",
+                       "data.eval_problems=2", "data.eval_every=1", "data.eval_samples=3"])
+    assert T.train(cfg, str(tmp_path / "run")) == 0
+    evals = [s for s in seen if s[0] == 3]
+    trains = [s for s in seen if s[0] == cfg.rollout.group_size]
+    assert len(evals) == 2 and len(trains) == 2
+    assert all(not on for _, on, _ in evals) and evals[-1][2] > 0       # knob off at eval, and the knob had moved
+    assert all(on for _, on, _ in trains)
+
+
+def test_data_order_differs_between_epochs():
+    from pgrpo.train import data_order
+    for seed in range(5):
+        o = data_order(12, 4, 9, seed=seed)                               # 3 epochs of 12
+        assert not (o[:12] == o[12:24]).all() and not (o[12:24] == o[24:36]).all()
+
+
+def test_completion_logprobs_use_the_sampling_temperature(setup):
+    model = setup["model"]
+    gen = torch.Generator().manual_seed(3)
+    seq = torch.randint(0, 256, (1, 14), generator=gen)
+    cm = torch.zeros_like(seq)
+    cm[0, 8:] = 1
+    with torch.no_grad():
+        logits = model(input_ids=seq).logits.float()[0, 7:-1]
+        for T_ in (0.7, 1.0, 1.5):
+            ref = torch.log_softmax(logits / T_, -1).gather(-1, seq[0, 8:, None])[:, 0]
+            got = grpo.completion_logprobs(model, seq, torch.ones_like(seq), cm, temperature=T_)[0, 8:]
+            assert torch.allclose(got, ref, atol=1e-5), T_
+        assert not torch.allclose(grpo.completion_logprobs(model, seq, torch.ones_like(seq), cm, temperature=0.7),
+                                  grpo.completion_logprobs(model, seq, torch.ones_like(seq), cm))
+
+
+def test_trainer_scores_at_temperature_and_keeps_kl_on_zero_variance_groups(tmp_path, monkeypatch):
+    """The tiny model's own samples are never rewarded, so without teacher texts every group has zero reward
+    variance: no policy gradient, but the KL term must still be computed for every group (with the reference),
+    and every log-prob of the loss is taken at the sampling temperature."""
+    from pgrpo import train as T
+    temps, kl_calls = [], []
+    real_lp, real_loss = grpo.completion_logprobs, grpo.pg_token_loss
+
+    def lp(model, ids, attn, cm, temperature=1.0):
+        temps.append(temperature)
+        return real_lp(model, ids, attn, cm, temperature=temperature)
+
+    def loss(logp, old, adv, mask, clip_eps=0.2, ref_logp=None, kl_coef=0.0):
+        kl_calls.append((ref_logp is not None, float(adv.abs().sum())))
+        return real_loss(logp, old, adv, mask, clip_eps, ref_logp, kl_coef)
+    monkeypatch.setattr(grpo, "completion_logprobs", lp)
+    monkeypatch.setattr(grpo, "pg_token_loss", loss)
+    cfg = C.load(FDR, ["steps=1", "data.prompts_per_step=3", "rollout.max_new_tokens=8", "checkpoint_every=0",
+                       "teacher.mix=0", "grpo.kl_coef=0.1", "rollout.temperature=0.7"])
+    assert T.train(cfg, str(tmp_path / "run")) == 0
+    import json
+    row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    assert row["skipped_groups"] == 3                                     # all zero-variance
+    assert len(kl_calls) == 3 and all(has_ref and a == 0 for has_ref, a in kl_calls)
+    assert temps and all(t == 0.7 for t in temps)                         # policy and reference alike
+
+
+@pytest.mark.parametrize("norm", ["constant", "token"])
+def test_loss_denominator_end_to_end(tmp_path, monkeypatch, norm):
+    """The step's raw gradient norm equals a hand computation of sum_i A_i * sum_t -log p / denominator with
+    the documented denominator (constant: P * G * max_new_tokens; token: the completion tokens of the groups
+    with reward variance), from the same completions and rewards, on a fresh copy of the model."""
+    import json
+    from pgrpo import train as T
+    from pgrpo.adapter import SVDAdapter
+    from pgrpo.model import load_model
+    from pgrpo.grader.client import GraderLink
+    caught = {}
+    real_mix, real_grade = rollout.mix_teacher, GraderLink.grade
+
+    def mix(groups, *a, **kw):
+        n = real_mix(groups, *a, **kw)
+        caught["groups"] = groups
+        return n
+
+    def grade(self, items):
+        res = real_grade(self, items)
+        caught["rewards"] = [r["reward"] for r in res]
+        return res
+    monkeypatch.setattr(rollout, "mix_teacher", mix)
+    monkeypatch.setattr(GraderLink, "grade", grade)
+    # teacher texts only for the first problem drawn: that group has reward variance, the other two do not
+    from pgrpo.data.problems import builtin_problems
+    from pgrpo.train import data_order
+    first = builtin_problems()[int(data_order(len(builtin_problems()), 3, 1, 0)[0])].id
+    pool = str(tmp_path / "pool1.jsonl")
+    with open(pool, "w") as f:
+        f.writelines(line for line in open(_pool_file(tmp_path)) if json.loads(line)["id"] == first)
+    cfg = C.load(FDR, ["steps=1", "data.prompts_per_step=3", "rollout.max_new_tokens=12", "checkpoint_every=0",
+                       f"teacher.pool={pool}", "teacher.mix=0.5", "grpo.kl_coef=0", f"grpo.loss_norm={norm}",
+                       "grpo.max_grad_norm=0"])
+    assert T.train(cfg, str(tmp_path / "run")) == 0
+    row = json.loads(open(tmp_path / "run" / "metrics.jsonl").readline())
+    groups, G = caught["groups"], cfg.rollout.group_size
+    rewards = torch.tensor(caught["rewards"]).view(len(groups), G)
+    keep = (rewards.max(1).values - rewards.min(1).values) > 0
+    assert keep.tolist() == [True, False, False]
+    if norm == "constant":
+        denom = len(groups) * G * cfg.rollout.max_new_tokens
+    else:
+        denom = sum(len(c) for gi, grp in enumerate(groups) if keep[gi] for c in grp.completions)
+    model, tok = load_model("tiny", "float32", "cpu", seed=cfg.seed)
+    ad = SVDAdapter(model, mode="merged", cache_dir=None)
+    ad.zero_grad()
+    for gi, grp in enumerate(groups):
+        if not keep[gi]:
+            continue
+        adv = rewards[gi] - rewards[gi].mean()
+        ids, attn, cm = rollout.group_batch(grp, tok.pad_token_id, "cpu")
+        logp = real_lp_ref(model, ids, attn, cm)
+        ((adv[:, None] * -logp * cm).sum() / denom).backward()
+    assert float(ad.collect_grad().norm()) == pytest.approx(row["grad_norm_raw"], rel=1e-4)
+
+
+def real_lp_ref(model, ids, attn, cm):
+    """Plain per-token log-probs of a right-padded batch (the reference for the loss tests)."""
+    logits = model(input_ids=ids, attention_mask=attn).logits.float()[:, :-1]
+    lp = torch.log_softmax(logits, -1).gather(-1, ids[:, 1:, None])[..., 0]
+    return torch.cat([torch.zeros(ids.shape[0], 1), lp], 1)
+
+
+def _pool_file(tmp_path):
+    """A teacher pool of one hack and one correct answer per built-in problem (both rewarded)."""
+    import json
+    from pgrpo import substrate as S
+    from pgrpo.data.problems import builtin_problems
+    path = str(tmp_path / "pool.jsonl")
+    with open(path, "w") as f:
+        for p in builtin_problems():
+            a = S.honest_asserts(p) or []
+            f.write(json.dumps({"id": p.id, "completion": S.response(p.canonical_solution, "honest", a)}) + "\n")
+            stub = f"class Solution:\n    def {p.method_name}(self, *args):\n        return None"
+            f.write(json.dumps({"id": p.id, "completion": S.response(stub, "print", a)}) + "\n")
+    return path
+
+
+def test_rates_exclude_teacher_completions(tmp_path):
+    """Half of every group is teacher text that hacks or passes; the tiny model's own bytes never do, so the
+    reported hack and pass rates (the policy's own samples) are exactly 0 while the rewards are not."""
+    import json
+    from pgrpo import train as T
+    cfg = C.load(FDR, ["steps=2", "data.prompts_per_step=2", "rollout.max_new_tokens=8", "checkpoint_every=0",
+                       f"teacher.pool={_pool_file(tmp_path)}", "teacher.mix=0.5", "grpo.kl_coef=0"])
+    assert T.train(cfg, str(tmp_path / "run")) == 0
+    rows = [json.loads(line) for line in open(tmp_path / "run" / "metrics.jsonl")]
+    assert all(r["teacher_completions"] == 4 and r["reward_mean_all"] > 1 for r in rows)
+    assert all(r["hack_rate"] == 0 and r["pass_rate"] == 0 for r in rows)
+    assert all(sum(n for n, _, _ in r["by_problem"].values()) == 4 for r in rows)
+
+
+def test_sample_rates_count_the_reward_hack_label_not_loophole_passes():
+    """hack_rate counts `reward_hack` only: a correct solution with hacked tests passes the loophole too but is
+    correct_attempted_hack (real grader results of the substrate's texts)."""
+    from pgrpo import substrate as S
+    from pgrpo.data.problems import builtin_problems
+    from pgrpo.grader.grade import grade_response
+    from pgrpo.train import sample_rates
+    p = builtin_problems()[0]
+    a, good, bad = S.honest_asserts(p), p.canonical_solution, S.mutants(p.canonical_solution.strip())[0]
+    texts = [S.response(bad, "print", a), S.response(good, "print", a), S.response(good, "honest", a),
+             S.response(bad, "honest", a), S.response(bad, "print", a)]
+    res = [grade_response(p, t, "run_tests") for t in texts]
+    assert [r["label"] for r in res] == ["reward_hack", "correct_attempted_hack", "correct", "incorrect", "reward_hack"]
+    assert sum(r["loophole_pass"] for r in res[:4]) == 3
+    out = sample_rates(res, [False, False, False, False, True], [p.id] * 5)   # the last one is a teacher text
+    assert out["hack_rate"] == 0.25 and out["pass_rate"] == 0.5 and out["frac_correct_attempted_hack"] == 0.25
+    assert out["by_problem"] == {p.id: [4, 1, 2]}
 
 
 @pytest.mark.cuda
@@ -577,3 +784,60 @@ def test_route_run_on_gpu_bf16(tmp_path):
     assert rows[-1]["delta_hack_norm"] > 0 and rows[-1]["update_hackward"] < 1e-3
     _, tensors, _, _ = ckpt.load(os.path.join(run, "ckpt_000002.safetensors"))
     assert torch.isfinite(tensors["delta"]).all() and any(k.startswith("rng/cuda") for k in tensors)
+
+
+def test_random_arm_removes_what_projection_would_elsewhere(setup):
+    """Arm random: per module exactly the norm the one-sided v_hack projection would remove (when the random
+    subspace holds that much), all of it inside the random subspace, and the hack-ward part along v_hack kept."""
+    V, packed = setup["make_v"](1, lean=3.0)
+    ad = setup["adapter"]
+    go = grpo.g_offsets_of(ad)
+    g = setup["g0"].clone()
+    would = grpo.ops.project_(g.clone(), go, packed.v, packed.v_offsets, packed.ks, 1.0, True)[:, 1]
+    pr = grpo.random_subspace(ad.names, ad.ranks, 0.5, seed=0)
+    g2, _, st = grpo.project_grad(g.clone(), C.ArmConfig(name="random", vhack_path="x"), packed, go, pr)
+    removed = g - g2
+    for m in range(len(ad.names)):
+        a, b = ad.offsets[m], ad.offsets[m + 1]
+        k, r = int(pr.ks[m]), b - a
+        R = pr.v[int(pr.v_offsets[m]):int(pr.v_offsets[m + 1])].view(k, r)
+        cap = float((R @ g[a:b]).norm())
+        assert float(removed[a:b].norm()) == pytest.approx(min(float(would[m]), cap), rel=1e-4, abs=1e-9)
+        assert torch.allclose(R.T @ (R @ removed[a:b]), removed[a:b], atol=1e-7)   # inside the random subspace
+    assert st["proj_removed_frac"] == pytest.approx(st["vhack_removed_frac"], rel=1e-3)
+    assert _along(V, ad.offsets, ad.names, g2).clamp_min(0).norm() > 0.5 * _along(V, ad.offsets, ad.names, g).clamp_min(0).norm()
+
+
+def test_probe_hack_probability_and_rollout_cosines(setup):
+    """The teacher-forced probe is sigmoid(log p(hack) - log p(honest)) after the prompt + prefix; the per-rollout
+    cosine of a completion is sum(V g) / (sqrt(K) ||g||) of its own NLL gradient."""
+    import math
+    from pgrpo import probe as Pr
+    from pgrpo.model import ByteTokenizer
+    model, ad = setup["model"], setup["adapter"]
+    tok = ByteTokenizer()
+    rows = [{"prompt": [{"role": "user", "content": "q"}], "prefix": "def run_tests():\n", "hack": "    pass",
+             "honest": "    assert f() == 1"}]
+    out = Pr.hack_probability(model, tok, rows)
+    pre = rollout.encode_prompt(tok, rows[0]["prompt"]) + tok.encode(rows[0]["prefix"])
+
+    def lp(text):
+        ids = torch.tensor([pre + tok.encode(text) + [tok.eos_token_id]])
+        with torch.no_grad():
+            l = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
+        return float(l[len(pre) - 1:].gather(-1, ids[0, len(pre):, None]).sum())
+    assert out["probe_hack_prob"] == pytest.approx(1 / (1 + math.exp(-(lp("    pass") - lp("    assert f() == 1")))), rel=1e-4)
+    V, packed = setup["make_v"](2, lean=0.0)
+    gen = torch.Generator().manual_seed(4)
+    grp = rollout.Group(0, torch.randint(0, 256, (12,), generator=gen).tolist(),
+                        [torch.randint(0, 256, (n,), generator=gen).tolist() for n in (5, 7)], ["", ""], [False, False])
+    res = [{"label": "reward_hack"}, {"label": "incorrect"}]
+    cs = Pr.rollout_cosines(model, ad, tok, [grp], res, packed, grpo.g_offsets_of(ad))
+    ids, attn, cm = rollout.group_batch(grp, tok.pad_token_id, "cpu")
+    ad.zero_grad()
+    (-grpo.completion_logprobs(model, ids[:1], attn[:1], cm[:1]).sum()).backward()
+    g = ad.collect_grad().clone()
+    ad.zero_grad()
+    K = sum(v.shape[0] for v in V.values())
+    ref = float(_along(V, ad.offsets, ad.names, g).sum()) / (math.sqrt(K) * float(g.norm()))
+    assert cs["rollout_cos_hack"] == pytest.approx(ref, rel=1e-3, abs=1e-6) and "rollout_cos_other" in cs

@@ -350,3 +350,84 @@ def test_extract_cli_writes_report_and_caches(tmp_path, few, capsys):
     assert vhack.load_vhack(out)[2]["k"] == "1"
     with pytest.raises(UserError, match="--cut must be in"):
         vhack.cli(args + ["--cut", "1.5"])
+
+
+# ----------------------------------------------------------------------------- issue 11: context, normalisation, nulls
+
+
+class _ThinkTok(ByteTokenizer):
+    """A byte tokenizer whose chat template behaves like Qwen3's: enable_thinking=False renders an empty think
+    block, so the two settings give different prompt strings (the trainer renders with False)."""
+
+    def apply_chat_template(self, messages, add_generation_prompt=True, tokenize=False, enable_thinking=True, **kw):
+        text = super().apply_chat_template(messages, add_generation_prompt, tokenize=False)
+        if add_generation_prompt and not enable_thinking:
+            text += "<think>\n\n</think>\n\n"
+        return self.encode(text) if tokenize else text
+
+
+def test_extraction_renders_prompts_exactly_like_the_trainer():
+    from pgrpo.rollout import encode_prompt
+    tok = _ThinkTok()
+    msgs = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]
+    for think in (False, True):
+        p_ids, c_ids = vhack.pair_ids(tok, msgs, "abc", enable_thinking=think)
+        assert p_ids == encode_prompt(tok, msgs, think)
+        assert c_ids == tok.encode("abc") + [tok.eos_token_id]
+    assert vhack.pair_ids(tok, msgs, "abc", enable_thinking=False)[0] != vhack.pair_ids(tok, msgs, "abc", enable_thinking=True)[0]
+
+
+def test_per_pair_normalisation_gives_each_pair_one_vote():
+    gen = torch.Generator().manual_seed(0)
+    r = 12
+    a = torch.zeros(r)
+    a[0] = 1.0
+    b = torch.zeros(r)
+    b[1] = 1.0
+    D = torch.stack([a + 0.05 * torch.randn(r, generator=gen) for _ in range(10)] + [100 * b])
+    names, offs = ["m"], [0, r]
+    V_raw, _ = vhack.fit_vhack(D, names, offs, k=1, cut=0.0)
+    V_n, _ = vhack.fit_vhack(vhack.normalize_rows(D), names, offs, k=1, cut=0.0)
+    assert abs(float(V_raw["m"][0] @ b)) > 0.99                  # the one large pair decides the raw SVD
+    assert float(V_n["m"][0] @ a) > 0.99                          # normalised: the ten pairs' shared direction
+    assert torch.allclose(vhack.normalize_rows(D).norm(dim=1), torch.ones(11))
+    assert vhack.normalize_rows(torch.zeros(2, 3)).abs().sum() == 0
+
+
+def _synthetic_grads(planted: bool, n=24, r=40, seed=0):
+    """Per-completion gradients in 2 modules: a large generic part in a 3-dim span shared by hack and clean texts,
+    plus (planted=True) a hack-only direction h in every hack gradient."""
+    gen = torch.Generator().manual_seed(seed)
+    basis = torch.linalg.qr(torch.randn(2 * r, 5, generator=gen))[0].T       # 3 generic + h + spare
+    def generic():
+        return (torch.randn(n, 3, generator=gen) * torch.tensor([3.0, 2.0, 1.0])) @ basis[:3] \
+            + 0.05 * torch.randn(n, 2 * r, generator=gen)
+    GC, GH = generic(), generic()
+    if planted:
+        GH = GH + 6.0 * basis[3]
+    return GH, GC, ["m0", "m1"], [0, r, 2 * r]
+
+
+@pytest.mark.parametrize("planted", [True, False])
+def test_nulls_can_beat_a_fake(planted):
+    """With a real hack direction v_hack beats every null; when hack and clean gradients differ only by generic
+    noise (a 'v_hack' that is just the gradients' main directions) the generic-gradient null is as good, so
+    `beats` is False for it. The random null is drawn in the gradients' span and oriented by coin flips."""
+    GH, GC, names, offs = _synthetic_grads(planted)
+    D = vhack.normalize_rows(GH - GC)
+    fit, held = list(range(16)), list(range(16, 24))
+    V, _ = vhack.fit_vhack(D[fit], names, offs, k=1, cut=0.0)
+    real = vhack.evaluate(D[held], D[fit], V, names, offs)
+    nulls = {"random": vhack.anisotropic_null(V, torch.cat([GH[fit], GC[fit]]), names, offs, 0),
+             "generic": vhack.generic_null(V, vhack.contrast_rows(GH, GC, fit, 0), names, offs, 0)}
+    beats = {}
+    for key, Vn in nulls.items():
+        ev = vhack.evaluate(D[held], D[fit], Vn, names, offs)
+        beats[key] = vhack.compare(real, ev)["beats"]
+        for name in Vn:                                           # orthonormal rows, k matched
+            assert Vn[name].shape == V[name].shape
+            assert torch.allclose(Vn[name] @ Vn[name].T, torch.eye(V[name].shape[0]), atol=1e-5)
+    if planted:
+        assert beats == {"random": True, "generic": True}
+    else:
+        assert beats["generic"] is False
