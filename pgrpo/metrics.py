@@ -127,7 +127,12 @@ def timing_line(row: dict) -> str:
 def progress_line(row: dict, steps: int) -> str:
     """A compact live line for people: what changed this step, at a glance."""
     parts = [f"step {row['step']}/{steps}", f"reward {row['reward_mean']:.2f}", f"hack {row['hack_rate']:.2f}",
-             f"pass {row['pass_rate']:.2f}", f"tok {row['tokens_generated']}",
+             f"pass {row['pass_rate']:.2f}"]
+    if "frac_correct_attempted_hack" in row:   # hacked tests after a correct solution: not reward_hack, still the exploit
+        parts.append(f"hacked-tests {row['hack_rate'] + row['frac_correct_attempted_hack']:.2f}")
+    if "probe_hack_prob" in row:
+        parts.append(f"P(hack) held-out {row['probe_hack_prob']:.2f}")
+    parts += [f"tok {row['tokens_generated']}",
              f"skip {row['skipped_groups']}/{row['groups']}", f"loss {row['loss']:+.4f}",
              f"|g| {row.get('grad_norm', 0.0):.3g}"]
     if "proj_removed_frac" in row:
