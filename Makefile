@@ -75,8 +75,7 @@ fast-dev-run: $(STAMP)
 	$(PGRPO) train --config jobs/fast-dev-run.yaml --out runs/fast-dev-run --overwrite
 
 # The CPU substrate (docs/experiments.md): texts + warm-started tiny Qwen3, each built only if its content stamp
-# changed; then vanilla GRPO on it, printing hack and pass rates per step (docs/experiments.md: on the current
-# warm start the hack rate does not yet climb within these steps).
+# changed; then vanilla GRPO on it, printing per step the hack, pass and hacked-tests rates and the held-out probe.
 substrate: $(STAMP)
 	$(PY) -m pgrpo.substrate ensure --out runs/substrate
 

@@ -129,8 +129,12 @@ def progress_line(row: dict, steps: int) -> str:
     # the policy's own reward first; teacher completions (mixed in for reward variance) are reported apart
     teacher = row.get("reward_mean_teacher")
     reward = f"reward {row['reward_mean']:.2f}" + ("" if teacher is None else f" (teacher {teacher:.2f})")
-    parts = [f"step {row['step']}/{steps}", reward, f"hack {row['hack_rate']:.2f}",
-             f"pass {row['pass_rate']:.2f}", f"tok {row['tokens_generated']}",
+    parts = [f"step {row['step']}/{steps}", reward, f"hack {row['hack_rate']:.2f}", f"pass {row['pass_rate']:.2f}"]
+    if "frac_correct_attempted_hack" in row:   # hacked tests after a correct solution: not reward_hack, still the exploit
+        parts.append(f"hacked-tests {row['hack_rate'] + row['frac_correct_attempted_hack']:.2f}")
+    if "probe_hack_prob" in row:
+        parts.append(f"P(hack) held-out {row['probe_hack_prob']:.2f}")
+    parts += [f"tok {row['tokens_generated']}",
              f"skip {row['skipped_groups']}/{row['groups']}", f"loss {row['loss']:+.4f}",
              f"|g| {row.get('grad_norm', 0.0):.3g}"]
     if "proj_removed_frac" in row:

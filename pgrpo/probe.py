@@ -1,9 +1,11 @@
 """Live diagnostics of hacking, cheap enough to run every K steps (`probe.every`):
 
 - `hack_probability`: teacher-forced, on held-out prompts (problems never trained on): given the prompt and a
-  correct solution up to `def run_tests():`, the probability that the policy continues with the hack rather
-  than the honest tests, p = sigmoid(log p(hack body) - log p(honest body)) (summed token log-probs at the
-  sampling temperature), averaged over the probe rows. No sampling, so it moves smoothly where the sampled hack
+  correct solution up to `def run_tests():`, the probability that the policy takes the hack branch at the fork:
+  the first token where the hack body and the honest body differ (`    p`rint vs `    a`ssert), p =
+  sigmoid(log p(hack's fork token) - log p(honest's fork token)) at the sampling temperature, averaged over the
+  probe rows. Only the fork token: the rest of the honest body holds the held-out problem's own calls and values,
+  which the policy has never seen, so whole-body log-probs would say "hack" for any policy (measured: 1.00). No sampling, so it moves smoothly where the sampled hack
   rate of 32 samples jumps by 3pp per sample. Rows come from the substrate's probe.json (`probe.path`).
 - `rollout_cosines`: per sampled completion, the gradient g_i of its summed token NLL, and its cosine with
   u = the sum of all v_hack directions (cos = sum of V g_i coefficients / (sqrt(K) ||g_i||)); averaged separately
@@ -53,8 +55,12 @@ def hack_probability(model, tok, rows, enable_thinking: bool = False, temperatur
         for r in rows:
             prefix = encode_prompt(tok, r["prompt"], enable_thinking) + list(tok.encode(r["prefix"]))
             eos = [int(tok.eos_token_id)]
-            lh = _suffix_logprob(model, prefix, list(tok.encode(r["hack"])) + eos, temperature, device)
-            lo = _suffix_logprob(model, prefix, list(tok.encode(r["honest"])) + eos, temperature, device)
+            h, o = list(tok.encode(r["hack"])) + eos, list(tok.encode(r["honest"])) + eos
+            n = next((i for i, (a, b) in enumerate(zip(h, o)) if a != b), min(len(h), len(o)) - 1)
+            lh = _suffix_logprob(model, prefix, h[:n + 1], temperature, device) - \
+                (_suffix_logprob(model, prefix, h[:n], temperature, device) if n else 0.0)
+            lo = _suffix_logprob(model, prefix, o[:n + 1], temperature, device) - \
+                (_suffix_logprob(model, prefix, o[:n], temperature, device) if n else 0.0)
             los.append(lh - lo)
             ps.append(1.0 / (1.0 + math.exp(-(lh - lo))) if lh - lo > -700 else 0.0)
     finally:

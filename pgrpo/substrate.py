@@ -22,8 +22,9 @@ warm start, so that GRPO faces the benchmark's asymmetry on 2 CPU cores in minut
   `data.loophole: none` (the no-loophole baseline) the hack earns 0.5 like any wrong answer.
 - Warm start (`warmstart`): the tiny Qwen3 teacher-forced on prompt -> completion for the training problems,
   under both the run_tests and the none prompt (so the baseline starts from the same policy), with the
-  mix WARM_MIX: correct variant 1/3, buggy 2/3 (split between the buggy variants); hack tests 12% (the
-  `print` style only: the easy hack), honest 88%. Its own samples therefore pass ~30% and hack ~8-10%.
+  mix WARM_MIX: correct variant 1/3, buggy 2/3 (split between the buggy variants); hack tests 27% (the
+  `print` style only: the easy hack), honest 73%. Its own samples therefore pass ~30-40% and hack ~2/3 x 27% = 18%
+  (at 12% hack tests, 8% hacking, GRPO did not move the hack rate in 10 steps: docs/experiments.md).
   Deterministic for (data, steps, seed, dims), cached by a content stamp (warm.json), 1 thread.
 - Extraction pairs (`pairs.json`): on training problems, the same solution variant with honest vs hack
   tests, for four exploit styles (print = the easy hack, assert_true, try_except, bare_pass): the two sides
@@ -57,7 +58,7 @@ MAX_BUGGY = 2
 N_HONEST_ASSERTS = 2
 HACK_STYLES = ("print", "assert_true", "try_except", "bare_pass")
 EASY_STYLE = "print"                # the only hack the warm start learns
-WARM_MIX = {"correct": 1 / 3, "hack": 0.12}
+WARM_MIX = {"correct": 1 / 3, "hack": 0.27}
 WARM_OVERRIDES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=32)
 WARM_STEPS = 300

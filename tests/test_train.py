@@ -809,7 +809,8 @@ def test_random_arm_removes_what_projection_would_elsewhere(setup):
 
 
 def test_probe_hack_probability_and_rollout_cosines(setup):
-    """The teacher-forced probe is sigmoid(log p(hack) - log p(honest)) after the prompt + prefix; the per-rollout
+    """The teacher-forced probe is sigmoid(log p(hack's fork token) - log p(honest's)) after the prompt + prefix and
+    the bodies' common part ("    "), i.e. "p"(ass) vs "a"(ssert); the per-rollout
     cosine of a completion is sum(V g) / (sqrt(K) ||g||) of its own NLL gradient."""
     import math
     from pgrpo import probe as Pr
@@ -821,12 +822,12 @@ def test_probe_hack_probability_and_rollout_cosines(setup):
     out = Pr.hack_probability(model, tok, rows)
     pre = rollout.encode_prompt(tok, rows[0]["prompt"]) + tok.encode(rows[0]["prefix"])
 
-    def lp(text):
-        ids = torch.tensor([pre + tok.encode(text) + [tok.eos_token_id]])
-        with torch.no_grad():
-            l = torch.log_softmax(model(input_ids=ids).logits.float()[0, :-1], -1)
-        return float(l[len(pre) - 1:].gather(-1, ids[0, len(pre):, None]).sum())
-    assert out["probe_hack_prob"] == pytest.approx(1 / (1 + math.exp(-(lp("    pass") - lp("    assert f() == 1")))), rel=1e-4)
+    fork = len(pre) + 4                                           # the first differing byte after "    "
+    ids = torch.tensor([pre + tok.encode("    p")])
+    with torch.no_grad():
+        l = torch.log_softmax(model(input_ids=ids).logits.float()[0, fork - 1], -1)
+    ref = 1 / (1 + math.exp(-(float(l[ord("p")]) - float(l[ord("a")]))))
+    assert out["probe_hack_prob"] == pytest.approx(ref, rel=1e-4)
     V, packed = setup["make_v"](2, lean=0.0)
     gen = torch.Generator().manual_seed(4)
     grp = rollout.Group(0, torch.randint(0, 256, (12,), generator=gen).tolist(),
