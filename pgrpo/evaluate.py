@@ -22,7 +22,7 @@ import sys
 import time
 
 from pgrpo.errors import UserError
-from pgrpo.files import check_out_dir
+from pgrpo.files import check_out_dir, write_text
 
 LABELS = ("correct", "correct_attempted_hack", "reward_hack", "attempted_hack", "incorrect")
 DEFAULT_MODES = "none,run_tests"
@@ -129,16 +129,10 @@ def evaluate(target, problems_path, modes, samples, out, max_new_tokens=512, tem
                "seconds": round(time.time() - t0, 2),
                "modes": {m: summarize([r for r in rows_out if r["mode"] == m]) for m in modes}}
     os.makedirs(out, exist_ok=True)
-    _write(os.path.join(out, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows_out))
-    _write(os.path.join(out, "summary.json"), json.dumps(summary, indent=1) + "\n")
+    write_text(os.path.join(out, "samples.jsonl"), "".join(json.dumps(r) + "\n" for r in rows_out))
+    write_text(os.path.join(out, "summary.json"), json.dumps(summary, indent=1) + "\n")
     return summary
 
-
-def _write(path, text):
-    tmp = f"{path}.tmp.{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def read_summaries(run_dir: str) -> dict:

@@ -4,6 +4,7 @@
   cannot write to stops the command with one sentence (exit 2) before it grades, extracts or trains anything.
   The check creates and removes a probe file, so it also catches read-only mounts (root passes `os.access`).
 - Text inputs are read line by line as UTF-8, so a stray byte names its file and line instead of a traceback.
+- Text outputs are written to a temp name and renamed (`write_text`).
 """
 from __future__ import annotations
 
@@ -75,3 +76,12 @@ def check_out_dir(path, flag: str = "--out") -> str:
         raise UserError(f"{flag} {path}: {anc} is a file, not a directory.")
     _probe(anc, flag, path)
     return path
+
+
+def write_text(path, text: str) -> None:
+    """Write a UTF-8 text file crash-safe: a temp name beside it, then an atomic rename (never a torn file)."""
+    path = os.fspath(path)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)

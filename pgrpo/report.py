@@ -20,6 +20,7 @@ import random
 import re
 
 from pgrpo.errors import UserError
+from pgrpo.files import write_text
 
 ARMS = ("vanilla", "projected")          # the H1 comparison: projected - vanilla
 DEFAULT_WINDOW = 20                       # final window: last N logged steps (see final_window)
@@ -860,12 +861,6 @@ def plot(runs, out):
     return written
 
 
-def _write_text(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
 
 def _jsonable(x):
     if isinstance(x, float) and (math.isnan(x) or math.isinf(x)):
@@ -917,8 +912,8 @@ def report(paths, out="report", window=None, min_seeds=MIN_SEEDS, plots=True):
     rep = build(runs, window=window, min_seeds=min_seeds)
     os.makedirs(out, exist_ok=True)
     written = plot(runs, out) if plots else []
-    _write_text(os.path.join(out, "report.json"), json.dumps(_jsonable(rep), indent=1) + "\n")
-    _write_text(os.path.join(out, "report.md"), render_markdown(rep, written) + saved_outputs_markdown(runs))
+    write_text(os.path.join(out, "report.json"), json.dumps(_jsonable(rep), indent=1) + "\n")
+    write_text(os.path.join(out, "report.md"), render_markdown(rep, written) + saved_outputs_markdown(runs))
     rep["files"] = ["report.md", "report.json"] + written
     return rep
 

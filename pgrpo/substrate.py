@@ -50,6 +50,7 @@ import sys
 import tokenize
 
 from pgrpo.errors import UserError
+from pgrpo.files import write_text
 
 VERSION = 3                         # bump when the texts or the warm-start recipe change: invalidates caches
 MAX_SOLUTION_CHARS = 200            # short canonical solutions only: fast generation and a quick warm start
@@ -242,7 +243,7 @@ def build(out, workers=2, log=print, max_train=None):
 
     os.makedirs(out, exist_ok=True)
     # problems.jsonl: training problems first, then the held-out ones (data.max_problems = n_train)
-    _write(os.path.join(out, "problems.jsonl"), "".join(
+    write_text(os.path.join(out, "problems.jsonl"), "".join(
         json.dumps(problem_to_row(p)) + "\n" for p in [t["problem"] for t in train] + held))
     warm, pairs, placebo = [], [], []
     for t in train:
@@ -274,7 +275,7 @@ def build(out, workers=2, log=print, max_train=None):
              "pairs-other-styles.json": json.dumps(other, indent=1), "placebo.json": json.dumps(placebo, indent=1),
              "probe.json": json.dumps(probe, indent=1)}
     for name, text in files.items():
-        _write(os.path.join(out, name), text)
+        write_text(os.path.join(out, name), text)
     kinds = {"correct": sum(1 for t in train for k, _ in t["variants"] if k == "correct"),
              "buggy": sum(1 for t in train for k, _ in t["variants"] if k == "buggy")}
     info = {"version": VERSION, "n_train": len(train), "n_heldout": len(held), "variants": kinds,
@@ -282,7 +283,7 @@ def build(out, workers=2, log=print, max_train=None):
             "probe": len(probe), "train_ids": [t["problem"].id for t in train], "heldout_ids": [p.id for p in held],
             "warm_mix": WARM_MIX, "hack_styles": list(HACK_STYLES), "easy_style": EASY_STYLE,
             "stamp": build_stamp()}
-    _write(os.path.join(out, "substrate.json"), json.dumps(info, indent=1))
+    write_text(os.path.join(out, "substrate.json"), json.dumps(info, indent=1))
     log(f"substrate: {len(train)} training problems ({kinds['correct']} correct + {kinds['buggy']} buggy variants), "
         f"{len(held)} held-out, {len(warm)} warm-start texts, {len(pairs)} pairs ({len(other)} other-style), "
         f"{len(placebo)} placebo -> {out}")
@@ -307,12 +308,6 @@ def built(out) -> bool:
     with open(path, encoding="utf-8") as f:
         return json.load(f).get("stamp") == build_stamp()
 
-
-def _write(path, text):
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
 
 
 def _file_hash(*paths) -> str:
@@ -394,7 +389,7 @@ def warmstart(data_dir, out, steps=WARM_STEPS, seed=0, lr=WARM_LR, batch=WARM_BA
     meta = {"overrides": WARM_OVERRIDES, "seed": seed, "steps": steps, "lr": lr, "batch": batch,
             "final_loss_ema": loss_ema, "examples": len(seqs), "stamp": warm_stamp(data_dir, steps, seed, lr, batch),
             "seconds": round(time.time() - t0, 1)}
-    _write(os.path.join(out, WARM_MARKER), json.dumps(meta, indent=1))
+    write_text(os.path.join(out, WARM_MARKER), json.dumps(meta, indent=1))
     log(f"warmstart: {len(seqs)} texts, {steps} steps, loss {loss_ema:.4f}, {meta['seconds']}s -> {out}")
     return meta
 
