@@ -134,9 +134,18 @@ def test_two_ranks_equal_one_rank(one_rank, two_ranks):
 
 def test_metrics_and_files_come_only_from_rank_0(two_ranks):
     out, run = two_ranks["out"], two_ranks["dir"]
-    assert sorted(os.listdir(run)) == ["ckpt_000002.safetensors", "ckpt_000004.safetensors", "config.yaml",
-                                       "metrics.jsonl"]
+    assert sorted(os.listdir(run)) == [".lock", "ckpt_000002.safetensors", "ckpt_000004.safetensors", "config.yaml",
+                                       "metrics.jsonl", "rollouts"]
     rows = _read_rows(run)
+    # the saved completions: one file per step, written once (by rank 0), holding the whole global batch
+    import gzip
+    import json
+    files = sorted(os.listdir(os.path.join(run, "rollouts")))
+    assert files == [f"step_{s:06d}.jsonl.gz" for s in (1, 2, 3, 4)], files
+    for s, f in zip((1, 2, 3, 4), files):
+        with gzip.open(os.path.join(run, "rollouts", f), "rt", encoding="utf-8") as fh:
+            saved = [json.loads(ln) for ln in fh]
+        assert len(saved) == 4 * 4 and all(r["step"] == s for r in saved)   # 4 groups x G 4: both ranks' groups
     assert [r["step"] for r in rows] == [1, 2, 3, 4]                     # one row per step, not one per rank
     assert len([ln for ln in out.splitlines() if ln.startswith("TIMING ")]) == 4
     assert len([ln for ln in out.splitlines() if ln.startswith("checkpoint: ")]) == 2
