@@ -63,7 +63,7 @@ RUN groupadd --gid "${APP_UID}" pgrpo \
  && mkdir -p /sock && chown "${APP_UID}:${APP_UID}" /sock
 WORKDIR /app
 # Only the torch-free part of the package: the CLI dispatcher imports subcommands lazily.
-COPY pgrpo/__init__.py pgrpo/__main__.py pgrpo/errors.py pgrpo/cli.py /app/pgrpo/
+COPY pgrpo/__init__.py pgrpo/__main__.py pgrpo/errors.py pgrpo/files.py pgrpo/cli.py /app/pgrpo/
 COPY pgrpo/grader /app/pgrpo/grader
 COPY pgrpo/data/__init__.py pgrpo/data/problems.py pgrpo/data/prompts.py /app/pgrpo/data/
 COPY --chmod=0755 deploy/healthcheck.py /usr/local/bin/pgrpo-healthcheck
