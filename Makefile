@@ -12,7 +12,7 @@ SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 STAMP     := .venv/.pgrpo-setup
 
 .PHONY: setup apt venv install lock test test-fast bench bench-kernel bench-grader bench-step \
-        fast-dev-run demo substrate smoke-vanilla smoke-projected extract download-model queue-full queue-cpu report report-cpu \
+        fast-dev-run demo substrate smoke-vanilla smoke-projected extract download-model queue-full queue-cpu phenomenon-cpu report report-cpu \
         clean gpu-check gpu-check-dry
 
 setup: $(STAMP)
@@ -100,6 +100,10 @@ queue-full: $(STAMP)
 
 queue-cpu: $(STAMP)
 	$(PGRPO) sweep --config jobs/sweep-cpu.yaml
+
+phenomenon-cpu: $(STAMP)
+	$(PGRPO) sweep --config jobs/sweep-cpu-phenomenon.yaml
+	$(PGRPO) report runs/sweep-cpu-phenomenon --out runs/sweep-cpu-phenomenon/report
 
 report: $(STAMP)
 	$(PGRPO) report runs/sweep-full --out report/sweep-full

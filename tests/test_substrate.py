@@ -115,3 +115,16 @@ def test_shipped_substrate_is_current_and_ensure_copies_it(tmp_path):
     assert all("up to date" in m for m in logs)
     model, _ = load_model("tiny:" + str(tmp_path / "sub" / "warm"))
     assert model.config.hidden_size == S.WARM_OVERRIDES["hidden_size"]
+
+
+@pytest.mark.parametrize("job", ["jobs/cpu-substrate.yaml", "jobs/demo.yaml"])
+def test_substrate_jobs_train_on_exactly_the_training_problems(job):
+    """data.max_problems is the shipped build's n_train: one more would train on a held-out (probe) problem, one
+    fewer would leave a training problem out."""
+    from pgrpo.config import load
+    from pgrpo.data.problems import load_problems
+    cfg = load(job, check_files=False)
+    info = json.load(open(os.path.join(S.SHIPPED, "substrate.json")))
+    assert cfg.data.max_problems == info["n_train"]
+    rows = load_problems(os.path.join(S.SHIPPED, "problems.jsonl"))[:cfg.data.max_problems]
+    assert [p.id for p in rows] == info["train_ids"] and not {p.id for p in rows} & set(info["heldout_ids"])
