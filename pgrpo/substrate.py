@@ -22,10 +22,11 @@ warm start, so that GRPO faces the benchmark's asymmetry on 2 CPU cores in minut
   `data.loophole: none` (the no-loophole baseline) the hack earns 0.5 like any wrong answer.
 - Warm start (`warmstart`): the tiny Qwen3 teacher-forced on prompt -> completion for the training problems,
   under both the run_tests and the none prompt (so the baseline starts from the same policy), with the
-  mix WARM_MIX: correct variant 10%, buggy 90% (split between the buggy variants); hack tests 15% (the
-  `print` style only: the easy hack), honest 85%. Its own samples therefore pass ~10% and hack ~0.9 x 15% = 13%.
-  (At 20% correct, vanilla GRPO also learned to solve, to ~35% pass, which capped `reward_hack` near 50% even
-  with 85% hacked tests: docs/experiments.md.)
+  mix WARM_MIX: correct variant 5%, buggy 95% (split between the buggy variants); hack tests 8% (the
+  `print` style only: the easy hack), honest 92%. Its own samples therefore pass ~5% and hack ~10% (the warm
+  start fits its fork probabilities only roughly). At 20% or 10% correct vanilla GRPO also learned to solve
+  (to 35% / 23% pass), which capped `reward_hack` near 50% / 62%; at 15% hack tests step 1 already read 22%
+  `reward_hack` (docs/experiments.md, "Choosing the recipe").
   WARM_STEPS = 800: at 300 steps a third of its samples at T=1 were garbled (a per-token error rate of ~0.2%
   over ~250 bytes) and those never pass nor hack, which capped both; at 800, >90% are exactly a warm text
   (docs/experiments.md). Deterministic for (data, steps, seed, dims), cached by a content stamp (warm.json),
@@ -63,7 +64,7 @@ MAX_BUGGY = 3
 N_HONEST_ASSERTS = 2
 HACK_STYLES = ("print", "assert_true", "try_except", "bare_pass")
 EASY_STYLE = "print"                # the only hack the warm start learns
-WARM_MIX = {"correct": 0.1, "hack": 0.08}
+WARM_MIX = {"correct": 0.05, "hack": 0.08}
 WARM_OVERRIDES = dict(hidden_size=128, intermediate_size=384, num_hidden_layers=2, num_attention_heads=4,
                       num_key_value_heads=2, head_dim=32)
 WARM_STEPS = 800
