@@ -904,16 +904,73 @@ def saved_outputs_markdown(runs, per_arm=2):
     return "\n".join(L)
 
 
+EXTRACTION_KEYS = ("accuracy", "mean_cosine", "removed_fraction", "captured_fraction")
+
+
+def extractions(paths):
+    """The v_hack extraction reports (`pgrpo extract` writes OUT.report.json beside OUT) lying directly in the
+    given directories, e.g. a sweep's: how specific each v_hack was on its held-out pairs against the nulls, so
+    the H1 report carries it. Files that are not extraction reports are ignored."""
+    import glob
+    found = []
+    for p in paths:
+        if not os.path.isdir(p):
+            continue
+        for f in sorted(glob.glob(os.path.join(p, "*.report.json"))):
+            try:
+                with open(f, encoding="utf-8") as fh:
+                    d = json.load(fh)
+            except (OSError, ValueError):
+                continue
+            if not (isinstance(d, dict) and isinstance(d.get("heldout"), dict) and isinstance(d.get("nulls"), dict)):
+                continue
+            pick = lambda m: {k: m.get(k) for k in EXTRACTION_KEYS}
+            loso = d.get("leave_one_style_out") or {}
+            found.append({"file": os.path.basename(f), "n_fit": d.get("n_fit"), "n_heldout": d.get("n_heldout"),
+                          "directions": d.get("directions_kept"), "heldout": pick(d["heldout"]),
+                          "nulls": {n: pick(m) for n, m in d["nulls"].items() if isinstance(m, dict)},
+                          "beats": d.get("beats") or {},
+                          "leave_one_style_out": {st: {"mean_cosine": m.get("mean_cosine"),
+                                                       "null_mean_cosine": m.get("null_mean_cosine"),
+                                                       "accuracy": m.get("accuracy")}
+                                                  for st, m in loso.items() if isinstance(m, dict)}})
+    return found
+
+
+def extractions_markdown(found):
+    if not found:
+        return ""
+    L = ["", "## v_hack extractions (held-out pairs; not part of the rule)", "",
+         "From the `pgrpo extract` reports beside the runs: accuracy = share of held-out pairs whose D has a positive "
+         "cosine with the subspace, captured = two-sided `||V D|| / ||D||`, removed = one-sided (what the projection "
+         "takes). Each null is fit to the same size; `beats` is the extraction's own test (docs/method.md).", ""]
+    for e in found:
+        L += [f"### {e['file']} ({e['directions']} directions, {e['n_fit']} fit pairs, {e['n_heldout']} held out)",
+              "", "| subspace | accuracy | mean cosine | removed | captured | v_hack beats it? |", "|---|---|---|---|---|---|"]
+        rows = [("v_hack", e["heldout"], "")] + [(f"{n} null", m, "yes" if e["beats"].get(n) else "**no**")
+                                                 for n, m in e["nulls"].items()]
+        for name, m, b in rows:
+            L.append(f"| {name} | " + " | ".join(_fmt(m.get(k)) for k in EXTRACTION_KEYS) + f" | {b} |")
+        if e["leave_one_style_out"]:
+            L += ["", "Leave one exploit style out of the fit (mean cosine on that style's pairs, v_hack vs the random "
+                  "null): " + ", ".join(f"{st} {_fmt(m['mean_cosine'])} vs {_fmt(m['null_mean_cosine'])}"
+                                        for st, m in sorted(e["leave_one_style_out"].items())) + "."]
+        L.append("")
+    return "\n".join(L)
+
+
 def report(paths, out="report", window=None, min_seeds=MIN_SEEDS, plots=True):
     """Library entry: read runs, write out/report.md, out/report.json and the plots; return the dict."""
     if window is not None and window < 1:
         raise UserError(f"--window must be >= 1, got {window}")
     runs = [load_run(p) for p in find_runs(paths)]
     rep = build(runs, window=window, min_seeds=min_seeds)
+    rep["extractions"] = extractions(paths)
     os.makedirs(out, exist_ok=True)
     written = plot(runs, out) if plots else []
     write_text(os.path.join(out, "report.json"), json.dumps(_jsonable(rep), indent=1) + "\n")
-    write_text(os.path.join(out, "report.md"), render_markdown(rep, written) + saved_outputs_markdown(runs))
+    write_text(os.path.join(out, "report.md"), render_markdown(rep, written) + extractions_markdown(rep["extractions"])
+               + saved_outputs_markdown(runs))
     rep["files"] = ["report.md", "report.json"] + written
     return rep
 

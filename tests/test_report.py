@@ -292,3 +292,25 @@ def test_power_is_low_for_a_noisy_small_effect(tmp_path):
     pw = R.report([str(tmp_path)], out=str(tmp_path / "o"), plots=False)["power"]
     assert pw["by_n"][0]["supported"] < 0.3
     assert pw["alt_by_n"][-1]["supported"] > pw["alt_by_n"][0]["supported"]
+
+
+def test_report_carries_the_sweeps_extraction_reports(tmp_path):
+    """The v_hack extraction reports beside the runs (as a sweep writes them) appear in report.md/json with
+    their nulls and the extraction's own `beats` verdicts; other *.report.json files are ignored."""
+    arms(tmp_path, [0.6, 0.62, 0.58], [0.1, 0.12, 0.08], [0.3] * 3, [0.3] * 3)
+    ex = {"n_fit": 88, "n_heldout": 24, "directions_kept": 42,
+          "heldout": {"accuracy": 0.92, "mean_cosine": 0.274, "removed_fraction": 0.634, "captured_fraction": 0.713},
+          "nulls": {"random": {"accuracy": 0.5, "mean_cosine": -0.012, "removed_fraction": 0.299, "captured_fraction": 0.457},
+                    "generic": {"accuracy": 0.5, "mean_cosine": 0.038, "removed_fraction": 0.395, "captured_fraction": 0.521}},
+          "beats": {"random": True, "generic": False},
+          "leave_one_style_out": {"print": {"mean_cosine": -0.048, "null_mean_cosine": 0.01, "accuracy": 0.14}}}
+    (tmp_path / "vhack.report.json").write_text(json.dumps(ex))
+    (tmp_path / "other.report.json").write_text(json.dumps({"verdict": "x"}))
+    out = tmp_path / "rep"
+    rep = R.report([str(tmp_path)], out=str(out), plots=False)
+    assert [e["file"] for e in rep["extractions"]] == ["vhack.report.json"]
+    md = (out / "report.md").read_text()
+    assert "## v_hack extractions" in md and "| v_hack | 0.920 | 0.274 | 0.634 | 0.713 |  |" in md
+    assert "| generic null | 0.500 | 0.038 | 0.395 | 0.521 | **no** |" in md and "| random null |" in md
+    assert "print -0.048 vs 0.010" in md
+    assert json.loads((out / "report.json").read_text())["extractions"][0]["beats"] == {"random": True, "generic": False}
