@@ -314,3 +314,29 @@ def test_report_carries_the_sweeps_extraction_reports(tmp_path):
     assert "| generic null | 0.500 | 0.038 | 0.395 | 0.521 | **no** |" in md and "| random null |" in md
     assert "print -0.048 vs 0.010" in md
     assert json.loads((out / "report.json").read_text())["extractions"][0]["beats"] == {"random": True, "generic": False}
+
+
+def test_broken_completions_from_the_saved_rollouts(tmp_path):
+    """broken = the policy's own completions with no format reward, over the final window (not teacher rows, not
+    earlier steps); a projected arm that breaks far more than vanilla gets a note beside the verdict."""
+    from pgrpo import rollouts
+    arms(tmp_path, [0.6, 0.62, 0.58], [0.1, 0.12, 0.08], [0.05] * 3, [0.05] * 3)
+
+    def save(run, step, rewards, teacher=()):
+        rows = [{"step": step, "source": "policy", "reward": r, "label": "incorrect"} for r in rewards]
+        rows += [{"step": step, "source": "teacher", "reward": r, "label": "correct"} for r in teacher]
+        rollouts.write(str(tmp_path / run), step, rows)
+    for seed in range(3):
+        save(f"vanilla-s{seed}", 1, [3.5] * 8)
+        save(f"vanilla-s{seed}", 30, [0.0] * 8)                       # before the final window (steps 31-40)
+        save(f"projected-s{seed}", 1, [0.5] * 4 + [0.0] * 4)
+        for step in range(31, 41):
+            save(f"vanilla-s{seed}", step, [3.5] * 7 + [0.0], teacher=[0.0] * 4)
+            save(f"projected-s{seed}", step, [0.0] * 6 + [0.5, 3.5])
+    rep = R.report([str(tmp_path)], out=str(tmp_path / "rep"), plots=False)
+    v, p = rep["arms"]["vanilla"], rep["arms"]["projected"]
+    assert v["broken_first"]["mean"] == 0.0 and v["broken_final"]["mean"] == pytest.approx(1 / 8)
+    assert p["broken_first"]["mean"] == 0.5 and p["broken_final"]["mean"] == pytest.approx(0.75)
+    assert any("broken" in n and "75.0% vs 12.5%" in n for n in rep["notes"])
+    md = (tmp_path / "rep" / "report.md").read_text()
+    assert "## Broken completions" in md and "| projected | 3 | 50.0 | 75.0 +- 0.0 |" in md
