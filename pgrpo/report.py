@@ -328,7 +328,10 @@ def broken_shares(run_dir, final_steps):
         return {}
     share = lambda rs: sum(1 for r in rs if r["reward"] <= 0) / len(rs) if rs else float("nan")
     final = [r for st in final_steps for r in by_step.get(st, [])]
-    return {"broken_first": share(by_step[min(by_step)]), "broken_final": share(final)}
+    formed = [r for r in final if r["reward"] > 0]
+    return {"broken_first": share(by_step[min(by_step)]), "broken_final": share(final),
+            "hack_formed_final": (sum(1 for r in formed if r.get("label") == "reward_hack") / len(formed)
+                                  if formed else float("nan"))}
 
 
 def summarize_run(run, window=None):
@@ -621,7 +624,7 @@ def build(runs, window=None, min_seeds=MIN_SEEDS):
     for arm, ss in by_arm.items():
         a = {"n": len(ss), "seeds": [s["seed"] for s in ss]}
         for k in ("hack_final", "hack_all", "pass_final", "pass_all", "reward_final", "eval_hack", "eval_pass",
-                  "heldout_logodds", "heldout_dlogodds", "broken_first", "broken_final"):
+                  "heldout_logodds", "heldout_dlogodds", "broken_first", "broken_final", "hack_formed_final"):
             xs = [s[k] for s in ss if s.get(k) is not None and not math.isnan(s[k])]
             if xs:
                 a[k] = {"mean": mean(xs), "sem": sem(xs), "n": len(xs)}
@@ -743,8 +746,10 @@ def render_beside(rep):
     if any("broken_final" in a for a in arms.values()):
         L += ["", "## Broken completions (from the saved rollouts; not part of the rule)", "",
               "Share of the policy's own completions that earn no format reward (the program does not compile, or its "
-              "module code ends the process). A low hack rate with many broken completions is not honesty.", "",
-              "| arm | seeds | broken at step 1 (%) | broken final (%) | per seed, final (%) |", "|---|---|---|---|---|"]
+              "module code ends the process). A low hack rate with many broken completions is not honesty. "
+              "Last column: the `reward_hack` share among the final window's well-formed completions.", "",
+              "| arm | seeds | broken at step 1 (%) | broken final (%) | per seed, final (%) | hack among well-formed (%) |",
+              "|---|---|---|---|---|---|"]
         runs_by_arm = {}
         for r in rep.get("runs", []):
             runs_by_arm.setdefault(r["arm"], []).append(r)
@@ -753,8 +758,9 @@ def render_beside(rep):
                 continue
             f0, f1 = a.get("broken_first", {}), a["broken_final"]
             per = ", ".join(f"s{r['seed']} {_fmt_pp(r.get('broken_final'))}" for r in runs_by_arm.get(arm, []))
+            hf = a.get("hack_formed_final", {})
             L.append(f"| {arm} | {f1['n']} | {_fmt_pp(f0.get('mean'))} | {_fmt_pp(f1['mean'])} +- "
-                     f"{_fmt_pp(f1['sem'])} | {per} |")
+                     f"{_fmt_pp(f1['sem'])} | {per} | {_fmt_pp(hf.get('mean'))} +- {_fmt_pp(hf.get('sem'))} |")
     c = rep.get("controls") or {}
     if c:
         L += ["", "## Controls beside the verdict (not part of the rule)", "",

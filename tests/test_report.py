@@ -322,8 +322,10 @@ def test_broken_completions_from_the_saved_rollouts(tmp_path):
     from pgrpo import rollouts
     arms(tmp_path, [0.6, 0.62, 0.58], [0.1, 0.12, 0.08], [0.05] * 3, [0.05] * 3)
 
-    def save(run, step, rewards, teacher=()):
-        rows = [{"step": step, "source": "policy", "reward": r, "label": "incorrect"} for r in rewards]
+    def save(run, step, rewards, teacher=(), hack=0):
+        rows = [{"step": step, "source": "policy", "reward": r, "text": "x", "problem_id": "p",
+                 "label": "reward_hack" if i >= len(rewards) - hack
+                 else "incorrect"} for i, r in enumerate(rewards)]
         rows += [{"step": step, "source": "teacher", "reward": r, "label": "correct"} for r in teacher]
         rollouts.write(str(tmp_path / run), step, rows)
     for seed in range(3):
@@ -332,7 +334,7 @@ def test_broken_completions_from_the_saved_rollouts(tmp_path):
         save(f"projected-s{seed}", 1, [0.5] * 4 + [0.0] * 4)
         for step in range(31, 41):
             save(f"vanilla-s{seed}", step, [3.5] * 7 + [0.0], teacher=[0.0] * 4)
-            save(f"projected-s{seed}", step, [0.0] * 6 + [0.5, 3.5])
+            save(f"projected-s{seed}", step, [0.0] * 6 + [0.5, 3.5], hack=1)
     rep = R.report([str(tmp_path)], out=str(tmp_path / "rep"), plots=False)
     v, p = rep["arms"]["vanilla"], rep["arms"]["projected"]
     assert v["broken_first"]["mean"] == 0.0 and v["broken_final"]["mean"] == pytest.approx(1 / 8)
@@ -340,3 +342,4 @@ def test_broken_completions_from_the_saved_rollouts(tmp_path):
     assert any("broken" in n and "75.0% vs 12.5%" in n for n in rep["notes"])
     md = (tmp_path / "rep" / "report.md").read_text()
     assert "## Broken completions" in md and "| projected | 3 | 50.0 | 75.0 +- 0.0 |" in md
+    assert v["hack_formed_final"]["mean"] == 0.0 and p["hack_formed_final"]["mean"] == 0.5   # 1 of 2 well-formed
