@@ -51,6 +51,10 @@ def main(argv: list[str] | None = None) -> int:
     mod_name, fn_name = target.split(":")
     if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGTERM) == signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)   # unwind cleanly (children stopped, temp files removed)
+    if threading.current_thread() is threading.main_thread() and signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        # a shell starts background jobs with SIGINT ignored, and Python then never raises KeyboardInterrupt: an
+        # explicit `kill -INT` must still stop the job cleanly (exit 130, grader stopped, temp files removed)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         fn = getattr(importlib.import_module(mod_name), fn_name)
         return int(fn(rest) or 0)
