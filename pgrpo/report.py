@@ -319,13 +319,13 @@ def broken_shares(run_dir, final_steps):
     from pgrpo import rollouts
     if not run_dir or not os.path.isdir(os.path.join(run_dir, rollouts.DIR)):
         return {}
-    by_step = {}
-    for kind, step, path in rollouts.files(run_dir):
-        if kind == "train":
-            by_step[step] = [r for r in rollouts.read(path) if r.get("source") != "teacher"
-                             and isinstance(r.get("reward"), (int, float))]
-    if not by_step:
+    train = {step: path for kind, step, path in rollouts.files(run_dir) if kind == "train"}
+    if not train:
         return {}
+    wanted = {min(train)} | set(final_steps)           # read only the first step and the final window
+    by_step = {step: [r for r in rollouts.read(path) if r.get("source") != "teacher"
+                      and isinstance(r.get("reward"), (int, float))]
+               for step, path in train.items() if step in wanted}
     share = lambda rs: sum(1 for r in rs if r["reward"] <= 0) / len(rs) if rs else float("nan")
     final = [r for st in final_steps for r in by_step.get(st, [])]
     formed = [r for r in final if r["reward"] > 0]
